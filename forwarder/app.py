@@ -1,0 +1,29 @@
+"""The Flask application: the `/v1/*` proxy and the forwarder's own endpoints."""
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Rule
+
+from .errors import error_response
+from .proxy import Proxy
+from .registry import REGISTRY, Registry
+
+
+def create_app(settings, registry: Registry = REGISTRY) -> Flask:
+    app = Flask(__name__)
+    # `/v1//models` must reach the proxy as it is, not be redirected by Werkzeug.
+    app.url_map.merge_slashes = False
+    # A rule without `methods` takes every method, so OPTIONS, PROPFIND or anything vLLM adds
+    # later is forwarded too (Flask's own `route` would limit it to GET and answer OPTIONS itself).
+    app.url_map.add(Rule("/v1/<path:subpath>", endpoint="proxy", strict_slashes=False))
+    app.view_functions["proxy"] = Proxy(settings, registry)
+
+    @app.get("/_backends")
+    def backends():
+        return jsonify(registry.status())
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        return error_response(exc.code or 500, exc.description or exc.name)
+
+    return app

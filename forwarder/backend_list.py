@@ -1,0 +1,83 @@
+"""The backend list (`ip.txt`): what each entry means, and reading the file.
+
+An entry is `host`, `host:port`, `[v6]:port`, a bare IPv6 address, or an `http(s)://` URL whose
+trailing `/v1` is dropped. Each becomes a base URL: health is `GET {base}/metrics`, the API is
+`{base}/v1/...`. A line that cannot be understood is logged with file and line number and
+skipped; the others still load.
+"""
+
+import ipaddress
+import logging
+import re
+import urllib.parse
+
+log = logging.getLogger(__name__)
+
+# RFC 1123 host names, plus `_` which Docker and Kubernetes service names may contain.
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?")
+
+
+def _host(host: str) -> str:
+    """The host as it is written inside a URL, or ValueError."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(host) or len(host) > 253:
+            raise ValueError(f"bad host {host!r}") from None
+        return host.lower()
+    return f"[{address.compressed}]" if address.version == 6 else address.compressed
+
+
+def _port(split: urllib.parse.SplitResult) -> "int | None":
+    try:
+        port = split.port
+    except ValueError:
+        raise ValueError("bad port") from None
+    if port == 0:
+        raise ValueError("bad port")
+    return port
+
+
+def parse_entry(entry: str, default_port: int) -> str:
+    """The base URL an `ip.txt` entry stands for; ValueError says why it cannot be understood."""
+    if any(c.isspace() for c in entry):
+        raise ValueError("spaces inside the entry")
+    if "://" in entry:
+        split = urllib.parse.urlsplit(entry)
+        if split.scheme.lower() not in ("http", "https"):
+            raise ValueError(f"bad scheme {split.scheme!r}, only http and https")
+        if split.query or split.fragment or split.username or split.password:
+            raise ValueError("a backend URL takes no query, fragment or user")
+        port = _port(split)
+        path = split.path.rstrip("/")
+        if path.endswith("/v1"):
+            path = path[:-3].rstrip("/")
+        scheme = split.scheme.lower()
+    else:
+        if entry.count(":") > 1 and not entry.startswith("["):
+            entry = f"[{entry}]"  # a bare IPv6 address: every colon is part of it
+        split = urllib.parse.urlsplit(f"//{entry}")
+        if split.path or split.query or split.fragment or split.username:
+            raise ValueError("only host or host:port without a scheme")
+        port = _port(split) or default_port
+        path = ""
+        scheme = "http"
+    if not split.hostname:
+        raise ValueError("no host")
+    host = _host(split.hostname)
+    netloc = host if port is None else f"{host}:{port}"
+    return f"{scheme}://{netloc}{path}"
+
+
+def parse_backend_list(text: str, filename: str, default_port: int) -> "list[str]":
+    """The distinct base URLs of a backend list, in file order; bad lines are logged and skipped."""
+    urls = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        try:
+            urls.setdefault(parse_entry(entry, default_port), None)
+        except ValueError as exc:
+            log.warning("%s:%d: skipping backend entry %r: %s", filename, number, entry, exc)
+    return list(urls)

@@ -1,0 +1,81 @@
+"""The health poller: every cycle, re-read the backend list and poll each backend's `/metrics`.
+
+One poller greenlet runs in each gunicorn worker (started from `post_fork`, see
+`gunicorn.conf.py`) and is the only writer of that worker's `Registry`. A backend is healthy when
+`GET {base}/metrics` answers 200 within `HEALTH_TIMEOUT_SECONDS`; its load figures are read from
+the body but never decide health.
+"""
+
+import logging
+import time
+
+import gevent
+import gevent.pool
+import requests
+
+from . import backend_list, upstream, vllm_metrics
+from .registry import Backend, Registry
+
+log = logging.getLogger(__name__)
+
+# Polls run concurrently; this bounds the sockets one worker opens at once for a large fleet.
+MAX_CONCURRENT_POLLS = 64
+
+
+class Poller:
+    """Polls the fleet every `interval` seconds and writes what it sees into `registry`."""
+
+    def __init__(self, registry: Registry, settings, session: "requests.Session | None" = None):
+        self.registry = registry
+        self.list_file = settings.ip_list_file
+        self.default_port = settings.backend_default_port
+        self.interval = settings.check_interval_seconds
+        self.timeout = settings.health_timeout_seconds
+        self.session = session or upstream.make_session(pool_maxsize=MAX_CONCURRENT_POLLS)
+        self.pool = gevent.pool.Pool(MAX_CONCURRENT_POLLS)
+        self.list_text = None
+
+    def run_forever(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                self.cycle()
+            except Exception:  # the poller must outlive any bug in one cycle
+                log.exception("health poll cycle failed")
+            gevent.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def cycle(self) -> None:
+        self.reload_list()
+        self.pool.map(self.check, self.registry.backends())
+        self.registry.first_cycle_done = True
+
+    def reload_list(self) -> None:
+        try:
+            with open(self.list_file, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError as exc:
+            log.error("cannot read backend list %s (%s); keeping the last good list",
+                      self.list_file, exc.strerror or exc)
+            return
+        if text == self.list_text:
+            return  # unchanged: parsing again would only repeat the warnings of bad lines
+        self.list_text = text
+        self.registry.set_list(
+            backend_list.parse_backend_list(text, self.list_file, self.default_port))
+
+    def check(self, backend: Backend) -> None:
+        try:
+            with gevent.Timeout(self.timeout):
+                response = self.session.get(backend.url + "/metrics", timeout=self.timeout)
+                body = response.content
+        except gevent.Timeout:
+            self.registry.record_poll(backend, False, "timeout")
+            return
+        except requests.RequestException as exc:
+            self.registry.record_poll(backend, False, upstream.describe(exc))
+            return
+        if response.status_code != 200:
+            self.registry.record_poll(backend, False, f"HTTP {response.status_code}")
+            return
+        figures = vllm_metrics.read_load(body.decode("utf-8", "replace"))
+        self.registry.record_poll(backend, True, None, figures)

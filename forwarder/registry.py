@@ -1,0 +1,83 @@
+"""The worker's view of the fleet: one `Backend` per base URL, and the `Registry` that holds them.
+
+The health poller is the only writer of scraped figures and of the backend list; the request path
+reads `Registry.healthy` (a tuple rebuilt only when health changes, so picking a backend costs no
+scan) and marks a backend down at once when it cannot be reached. Everything runs in one gevent
+worker's greenlets, so no locks are needed: nothing here yields.
+"""
+
+import time
+
+
+class Backend:
+    """One vLLM server, known by its base URL, as last seen by this worker."""
+
+    __slots__ = ("url", "healthy", "num_requests_running", "num_requests_waiting",
+                 "last_checked_at", "last_error")
+
+    def __init__(self, url: str):
+        self.url = url
+        self.healthy = False
+        self.num_requests_running = None
+        self.num_requests_waiting = None
+        self.last_checked_at = None
+        self.last_error = None
+
+    def status(self) -> dict:
+        """The backend as `/_backends` shows it."""
+        return {
+            "url": self.url,
+            "healthy": self.healthy,
+            "num_requests_running": self.num_requests_running,
+            "num_requests_waiting": self.num_requests_waiting,
+            "last_checked_at": self.last_checked_at,
+            "last_error": self.last_error,
+        }
+
+
+class Registry:
+    """The backends of the current list, in list order, and which of them are healthy."""
+
+    def __init__(self):
+        self._backends = {}
+        self.healthy = ()
+        self.first_cycle_done = False
+
+    def backends(self) -> "list[Backend]":
+        return list(self._backends.values())
+
+    def set_list(self, urls: "list[str]") -> None:
+        """Make the registry hold exactly `urls`: new ones start unhealthy until polled, removed
+        ones are dropped (requests already relayed through them keep their own reference)."""
+        self._backends = {url: self._backends.get(url) or Backend(url) for url in urls}
+        self._refresh_healthy()
+
+    def record_poll(self, backend: Backend, healthy: bool, error: "str | None",
+                    figures: "dict | None" = None) -> None:
+        figures = figures or {}
+        backend.num_requests_running = figures.get("num_requests_running")
+        backend.num_requests_waiting = figures.get("num_requests_waiting")
+        backend.last_checked_at = time.time()
+        backend.last_error = error
+        self._set_health(backend, healthy)
+
+    def mark_unreachable(self, backend: Backend, error: str) -> None:
+        """A request could not connect: take the backend out of rotation until a poll succeeds."""
+        backend.last_error = error
+        self._set_health(backend, False)
+
+    def _set_health(self, backend: Backend, healthy: bool) -> None:
+        if backend.healthy != healthy:
+            backend.healthy = healthy
+            self._refresh_healthy()
+
+    def _refresh_healthy(self) -> None:
+        self.healthy = tuple(b for b in self._backends.values() if b.healthy)
+
+    def status(self) -> dict:
+        """The `/_backends` document."""
+        backends = [b.status() for b in self._backends.values()]
+        return {"backends": backends, "healthy": len(self.healthy), "total": len(backends)}
+
+
+REGISTRY = Registry()

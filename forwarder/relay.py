@@ -1,0 +1,83 @@
+"""Relaying between client and backend: which headers cross, and the response body as it arrives.
+
+The body is relayed as the raw bytes the backend sent (still compressed, if it compressed them),
+one client write per socket read, so each SSE event reaches the client without waiting for the
+next. When the backend dies or goes silent mid-body, an SSE client gets vLLM's own in-band error
+event and `[DONE]`; any other client gets a connection closed before the body is complete, never
+a truncated body that looks finished.
+"""
+
+import json
+import logging
+import socket
+
+from urllib3.exceptions import HTTPError as Urllib3Error
+from werkzeug.http import parse_list_header
+
+log = logging.getLogger(__name__)
+
+# RFC 9110 7.6.1 connection-specific headers, plus the obsolete `Proxy-Connection`.
+HOP_BY_HOP = frozenset((
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+    "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+))
+# `Host` names the backend, not the forwarder; requests sets `Content-Length` from the body it
+# sends; gunicorn answers `Expect: 100-continue` itself.
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
+# gunicorn always writes its own `Server` and `Date`; passing the backend's would repeat them.
+_NOT_RETURNED = HOP_BY_HOP | {"server", "date"}
+
+# One read takes whatever has arrived, up to this much.
+READ_SIZE = 65536
+
+
+def _connection_tokens(headers) -> "set[str]":
+    value = headers.get("connection")
+    return {t.lower() for t in parse_list_header(value)} if value else set()
+
+
+def request_headers(headers) -> dict:
+    """The client's headers as they go to the backend."""
+    dropped = _NOT_FORWARDED | _connection_tokens(headers)
+    return {name: value for name, value in headers.items() if name.lower() not in dropped}
+
+
+def response_headers(headers) -> "list[tuple[str, str]]":
+    """The backend's headers (a urllib3 `HTTPHeaderDict`, repeated headers kept apart) as they go
+    to the client."""
+    dropped = _NOT_RETURNED | _connection_tokens(headers)
+    return [(name, value) for name, value in headers.items() if name.lower() not in dropped]
+
+
+def sse_error_event(message: str, code: int) -> bytes:
+    """vLLM's in-band error event followed by the end-of-stream marker."""
+    error = {"error": {"message": message, "type": "BadGatewayError", "param": None,
+                       "code": code}}
+    return b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+def relay_body(response, backend_url: str, sse: bool, client_socket):
+    """Yield the backend's body as it arrives; close the backend connection however it ends."""
+    read = response.raw.read1
+    try:
+        while True:
+            chunk = read(READ_SIZE)
+            if not chunk:
+                return
+            yield chunk
+    except (Urllib3Error, OSError) as exc:
+        timed_out = "timed out" in str(exc).lower()
+        message = (f"backend {backend_url} went silent past READ_TIMEOUT_SECONDS"
+                   if timed_out else f"backend {backend_url} broke off the response")
+        log.warning("%s mid-response (%s)", message, exc)
+        if sse:
+            # 502 whatever the cause, as SPEC's in-band example: the request failed upstream.
+            yield sse_error_event(message, 502)
+        elif client_socket is not None:
+            # Nothing else tells an HTTP client that a body with no length is incomplete.
+            try:
+                client_socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+    finally:
+        response.close()

@@ -1,0 +1,108 @@
+"""Every setting of the forwarder, declared once: name, default, how it is read, what it means.
+
+Settings come from environment variables. `load()` reads and validates all of them; a bad value
+raises `SettingError` whose message is one line naming the variable and the value, so start-up
+(`gunicorn.conf.py`) can print it and exit. The README's settings table mirrors `SETTINGS`; a
+test keeps the two in step.
+"""
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable, Optional
+
+
+class SettingError(Exception):
+    """A setting's value cannot be used; the message is one line for the operator."""
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("not a number of seconds") from None
+    if not math.isfinite(number) or number < 0:
+        raise ValueError("must be a finite number of seconds, 0 or more")
+    return number
+
+
+def _positive_seconds(value: str) -> float:
+    number = _seconds(value)
+    if number == 0:
+        raise ValueError("must be more than 0 seconds")
+    return number
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise ValueError("not a port number") from None
+    if not 1 <= port <= 65535:
+        raise ValueError("must be a port number from 1 to 65535")
+    return port
+
+
+def _readable_file(value: str) -> str:
+    if not value:
+        raise ValueError("must name a file")
+    with open(value, "rb"):
+        pass
+    return value
+
+
+def _model_name(value: str) -> Optional[str]:
+    # Set but empty means unset: `FORCED_MODEL_NAME=` in a compose file should not force "".
+    return value.strip() or None
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Optional[str]
+    parse: Callable[[str], Any]
+    doc: str
+
+    @property
+    def attribute(self) -> str:
+        return self.name.lower()
+
+
+SETTINGS = (
+    Setting("IP_LIST_FILE", "ip.txt", _readable_file,
+            "the backend list, one entry a line; read again every poll cycle"),
+    Setting("CHECK_INTERVAL_SECONDS", "10", _positive_seconds,
+            "seconds between health polls; fractions allowed (`0.5`)"),
+    Setting("BACKEND_DEFAULT_PORT", "8101", _port,
+            "port for an `ip.txt` entry that names none"),
+    Setting("FORCED_MODEL_NAME", None, _model_name,
+            "when set, the `model` field of every JSON-object POST body is set to it"),
+    Setting("HEALTH_TIMEOUT_SECONDS", "5", _positive_seconds,
+            "a health poll that takes longer marks the backend unhealthy (`\"timeout\"`)"),
+    Setting("CONNECT_TIMEOUT_SECONDS", "5", _positive_seconds,
+            "time to open a connection to a backend before trying another"),
+    Setting("READ_TIMEOUT_SECONDS", "600", _positive_seconds,
+            "longest silence from a backend, before or between chunks, before `504` "
+            "(mid-stream: an in-band error event, then the end of the stream)"),
+)
+
+Settings = dataclasses.make_dataclass(
+    "Settings", [(s.attribute, Any) for s in SETTINGS], frozen=True)
+Settings.__doc__ = "The validated value of every setting, as attributes named like `check_interval_seconds`."
+
+
+def load(environ=None) -> "Settings":
+    """Read every setting from `environ` (default: the process environment) and validate it."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for setting in SETTINGS:
+        raw = environ.get(setting.name, setting.default)
+        if raw is None:
+            values[setting.attribute] = None
+            continue
+        try:
+            values[setting.attribute] = setting.parse(raw.strip())
+        except (ValueError, OSError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise SettingError(f"{setting.name}={raw!r}: {reason}") from None
+    return Settings(**values)

@@ -1,0 +1,87 @@
+"""The wire to the backends: one pooled `requests.Session` per worker, and what its failures mean.
+
+The session keeps no cookies (a backend's `Set-Cookie` must never ride along on another client's
+request), ignores proxy environment variables (they must never reroute backend traffic), adds no
+default headers of its own, follows no redirects and never retries: a request that reached a
+backend is not sent twice.
+"""
+
+import http.cookiejar
+
+import requests
+import requests.adapters
+from urllib3.exceptions import NewConnectionError
+
+# Host pools kept per worker: enough for a large fleet, so no backend's connections are evicted.
+MAX_BACKEND_POOLS = 1024
+# gunicorn's default `worker_connections`; `configure` resizes to the worker's real figure.
+DEFAULT_POOL_MAXSIZE = 1000
+
+
+class ConnectFailed(Exception):
+    """No connection could be opened: nothing was sent, so another backend may be tried."""
+
+
+class UpstreamTimeout(Exception):
+    """The backend accepted the request but sent no response within the read timeout."""
+
+
+class UpstreamFailed(Exception):
+    """The request reached the backend but the exchange broke before a response arrived."""
+
+
+def make_session(pool_maxsize: int) -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False
+    session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+    session.headers.clear()
+    # pool_block=False: past pool_maxsize a request opens a throwaway connection instead of
+    # waiting, because requests passes no pool timeout and a blocked wait would never end.
+    adapter = requests.adapters.HTTPAdapter(
+        pool_connections=MAX_BACKEND_POOLS, pool_maxsize=pool_maxsize,
+        max_retries=0, pool_block=False)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+_session = make_session(DEFAULT_POOL_MAXSIZE)
+
+
+def configure(pool_maxsize: int) -> None:
+    """Size the connection pool for the worker's concurrency (its `worker_connections`)."""
+    global _session
+    _session = make_session(pool_maxsize)
+
+
+def describe(exc: BaseException) -> str:
+    """A short reason for an exception raised while connecting to a backend."""
+    text = str(exc).lower()
+    if isinstance(exc, requests.Timeout) or "timed out" in text:
+        return "timeout"
+    if "refused" in text:
+        return "connection refused"
+    if "resolve" in text or "name or service not known" in text:
+        return "name not resolved"
+    if "reset" in text:
+        return "connection reset"
+    return "connection failed"
+
+
+def send(method: str, url: str, headers: dict, body, connect_timeout: float,
+         read_timeout: float) -> requests.Response:
+    """Send one request and return the response with its body unread (`stream=True`)."""
+    try:
+        return _session.request(method, url, headers=headers, data=body, stream=True,
+                                allow_redirects=False, timeout=(connect_timeout, read_timeout))
+    except requests.ConnectTimeout as exc:
+        raise ConnectFailed("timeout") from exc
+    except requests.ReadTimeout as exc:
+        raise UpstreamTimeout(str(exc)) from exc
+    except requests.ConnectionError as exc:
+        reason = getattr(exc.args[0], "reason", None) if exc.args else None
+        if isinstance(reason, NewConnectionError):
+            raise ConnectFailed(describe(reason)) from exc
+        raise UpstreamFailed(describe(exc)) from exc
+    except requests.RequestException as exc:
+        raise UpstreamFailed(str(exc)) from exc

@@ -1,0 +1,57 @@
+"""Reading a backend's load from its Prometheus `/metrics` body.
+
+vLLM reports `vllm:num_requests_running` and `vllm:num_requests_waiting` as gauges with one series
+per engine (and model); a backend's figure is the sum over its series, or None when the gauge is
+absent or its lines cannot be read.
+
+A real two-engine body is ~88 KB and a full parse with prometheus_client costs ~22 ms of CPU,
+which on a gevent worker stalls every relayed stream for that long. So a regular expression first
+picks out just the `# HELP`/`# TYPE` lines and samples of the two gauges, and only those lines go
+through prometheus_client's parser: labels with commas or escaped quotes are still parsed right.
+"""
+
+import re
+
+from prometheus_client.parser import text_string_to_metric_families
+
+GAUGES = ("num_requests_running", "num_requests_waiting")
+
+# Where a wanted gauge's name occurs. A pattern that starts with a literal lets `re` skip through
+# the body with a fast substring search instead of trying a match at every line.
+_GAUGE_NAME = re.compile(r"num_requests_(?:running|waiting)")
+# A whole line of a wanted family: its HELP/TYPE comment or one of its samples. `vllm:` is vLLM's
+# prefix; the bare name is accepted too, for servers that mimic vLLM without it.
+_FAMILY_LINE = re.compile(r"(?:# (?:HELP|TYPE) )?((?:vllm:)?(?:%s))[\s{]" % "|".join(GAUGES))
+
+
+def _sum_family(lines: "list[str]") -> "float | None":
+    try:
+        samples = [s for family in text_string_to_metric_families("\n".join(lines) + "\n")
+                   for s in family.samples]
+    except ValueError:
+        return None
+    if not samples:
+        return None
+    return sum(s.value for s in samples)
+
+
+def read_load(body: str) -> "dict[str, float | None]":
+    """`{"num_requests_running": x, "num_requests_waiting": y}`, each a sum or None."""
+    lines = {}
+    line_end = 0
+    for hit in _GAUGE_NAME.finditer(body):
+        if hit.start() < line_end:
+            continue  # a second mention on a line already looked at
+        line_start = body.rfind("\n", 0, hit.start()) + 1
+        line_end = body.find("\n", hit.end())
+        if line_end < 0:
+            line_end = len(body)
+        line = body[line_start:line_end]
+        family = _FAMILY_LINE.match(line)
+        if family:
+            lines.setdefault(family.group(1), []).append(line)
+    figures = {}
+    for gauge in GAUGES:
+        family = lines.get("vllm:" + gauge) or lines.get(gauge)
+        figures[gauge] = _sum_family(family) if family else None
+    return figures

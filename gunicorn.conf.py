@@ -1,0 +1,51 @@
+"""gunicorn settings for vLLM Forwarder: `gunicorn -c gunicorn.conf.py forwarder.wsgi:app`.
+
+gunicorn's own command-line flags (`--bind`, `--workers` …) and `GUNICORN_CMD_ARGS` override what
+is set here. The forwarder's settings are environment variables (`forwarder/settings.py`); they
+are validated here, in the master, so a bad one stops start-up before any worker is forked.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from forwarder import settings as _settings  # noqa: E402  (needs the path above)
+
+try:
+    _settings.load()
+except _settings.SettingError as _exc:
+    print(f"vllm-forwarder: bad setting {_exc}", file=sys.stderr)
+    sys.exit(2)
+
+bind = "0.0.0.0:9000"
+worker_class = "gevent"
+workers = os.cpu_count() or 1
+# Counts every open connection, streams and idle keep-alives alike.
+worker_connections = 1000
+# For gevent workers this is only a heartbeat (sent every second by the worker's own loop): a
+# long stream never trips it, a hub blocked by CPU work for this long does.
+timeout = 30
+# Running streams get this long to finish after SIGTERM.
+graceful_timeout = 60
+# Longer than a load balancer's usual 60 s idle timeout, so it never reuses a connection that
+# gunicorn is closing (the 502 race).
+keepalive = 75
+# Recycling a worker would cut its live streams.
+max_requests = 0
+# gunicorn >= 25 opens a control socket at a fixed per-user path; two instances would clobber it.
+control_socket_disable = True
+
+
+def post_fork(server, worker):
+    # This hook runs before gevent patches the worker: it only spawns, and the greenlet imports
+    # and builds everything once the worker's loop runs, patched.
+    import gevent
+
+    gevent.spawn(_run_worker_services, worker.cfg.worker_connections)
+
+
+def _run_worker_services(worker_connections):
+    from forwarder import worker
+
+    worker.run(worker_connections)
