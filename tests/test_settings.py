@@ -1,0 +1,59 @@
+"""Unit tests for settings: defaults, validation, and the README table kept in step."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from forwarder import settings
+
+
+@pytest.fixture
+def ip_file(tmp_path):
+    path = tmp_path / "ip.txt"
+    path.write_text("127.0.0.1:8101\n")
+    return str(path)
+
+
+def test_defaults(ip_file):
+    loaded = settings.load({"IP_LIST_FILE": ip_file})
+    assert loaded.check_interval_seconds == 10
+    assert loaded.backend_default_port == 8101
+    assert loaded.forced_model_name is None
+    assert loaded.health_timeout_seconds == 5
+    assert loaded.connect_timeout_seconds == 5
+    assert loaded.read_timeout_seconds == 600
+
+
+@pytest.mark.parametrize("name, value", [
+    ("CHECK_INTERVAL_SECONDS", "abc"),
+    ("CHECK_INTERVAL_SECONDS", "0"),
+    ("CHECK_INTERVAL_SECONDS", "-1"),
+    ("CHECK_INTERVAL_SECONDS", "nan"),
+    ("BACKEND_DEFAULT_PORT", "70000"),
+    ("BACKEND_DEFAULT_PORT", "80.5"),
+    ("READ_TIMEOUT_SECONDS", "inf"),
+    ("IP_LIST_FILE", "/nonexistent/ip.txt"),
+])
+def test_bad_values_name_the_setting_in_one_line(ip_file, name, value):
+    env = {"IP_LIST_FILE": ip_file, name: value}
+    with pytest.raises(settings.SettingError) as info:
+        settings.load(env)
+    message = str(info.value)
+    assert message.startswith(f"{name}={value!r}")
+    assert "\n" not in message
+
+
+def test_fractional_interval(ip_file):
+    assert settings.load({"IP_LIST_FILE": ip_file,
+                          "CHECK_INTERVAL_SECONDS": "0.5"}).check_interval_seconds == 0.5
+
+
+def test_readme_lists_every_setting_with_its_default():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([A-Z_]+)` \| ([^|]*) \|", readme, re.MULTILINE))
+    for setting in settings.SETTINGS:
+        assert setting.name in rows, f"{setting.name} missing from the README's settings table"
+        shown = rows[setting.name].strip().strip("`")
+        assert shown == (setting.default if setting.default is not None else "unset"), \
+            f"README shows {setting.name} default {shown!r}, code has {setting.default!r}"
