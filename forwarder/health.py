@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 # Polls run concurrently; this bounds the sockets one worker opens at once for a large fleet.
 MAX_CONCURRENT_POLLS = 64
+# While requests wait for a backend to come back (NO_BACKEND_WAIT_SECONDS), poll at least this often.
+RECOVERY_POLL_SECONDS = 0.25
 
 
 class Poller:
@@ -42,7 +44,11 @@ class Poller:
                 self.cycle()
             except Exception:  # the poller must outlive any bug in one cycle
                 log.exception("health poll cycle failed")
-            gevent.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+            interval = self.interval
+            if self.registry.waiting_requests and not self.registry.healthy:
+                interval = min(interval, RECOVERY_POLL_SECONDS)
+            self.registry.poll_requested.clear()
+            self.registry.poll_requested.wait(max(0.0, interval - (time.monotonic() - started)))
 
     def cycle(self) -> None:
         self.reload_list()

@@ -6,13 +6,16 @@ body. A backend that cannot be connected to is marked down and another is tried 
 to it); once a request reached a backend it is never sent again.
 """
 
+import contextlib
 import json
 import posixpath
+import time
 import urllib.parse
 
 from flask import Response, request
 
 from . import relay, upstream
+from .client_watch import ClientGone, ClientWatch
 from .errors import error_response
 from .registry import Registry
 from .routing import pick_backend
@@ -49,6 +52,24 @@ def force_model(body: bytes, model: str) -> bytes:
     return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+class _BodyStream:
+    """A request body of known length, read from the client while it is sent to the backend, so
+    a large upload is never held in memory. Nothing is read before the backend connection is
+    open, so a backend that cannot be connected to leaves it whole for the next one."""
+
+    __slots__ = ("_input", "_length")
+
+    def __init__(self, wsgi_input, length: int):
+        self._input = wsgi_input
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def read(self, size: int = -1) -> bytes:
+        return self._input.read(size if size >= 0 else None)
+
+
 class Proxy:
     """The view for every method on every path under `/v1/`."""
 
@@ -57,41 +78,82 @@ class Proxy:
         self.forced_model = settings.forced_model_name
         self.connect_timeout = settings.connect_timeout_seconds
         self.read_timeout = settings.read_timeout_seconds
+        self.no_backend_wait = settings.no_backend_wait_seconds
 
     def __call__(self, subpath: str = "") -> Response:
         environ = request.environ
         target = upstream_target(environ.get("RAW_URI") or request.full_path)
         if target is None:
             return error_response(400, "The request path must stay under /v1/.")
-        body = environ["wsgi.input"].read()
-        if self.forced_model and request.method == "POST" and body:
-            body = force_model(body, self.forced_model)
+        body = self.request_body(environ)
         headers = relay.request_headers(request.headers)
+        client_socket = environ.get("gunicorn.socket")
+        watch = ClientWatch(client_socket) if client_socket is not None else None
+        try:
+            backend, response = self.send(request.method, target, headers, body, watch)
+        except ClientGone:
+            watch.stop()
+            return Response(status=499)  # nginx's "client closed request", for the access log
+        except _Failed as failed:
+            if watch:
+                watch.stop()
+            return failed.response
 
+        sse = response.headers.get("content-type", "").startswith("text/event-stream")
+        relayed = RelayedResponse(relay.relay_body(response, backend.url, sse, watch),
+                                  status=response.status_code,
+                                  headers=relay.response_headers(response.raw.headers))
+        # For HEAD, 204 and 304 Werkzeug never starts the generator, so its `finally` never runs.
+        relayed.call_on_close(response.close)
+        if watch:
+            relayed.call_on_close(watch.stop)
+        return relayed
+
+    def request_body(self, environ):
+        """The body to send: streamed from the client when its length is known and it needs no
+        rewrite, read whole otherwise (a chunked upload, or a `model` to force)."""
+        length = request.content_length
+        rewrite = self.forced_model and request.method == "POST"
+        if length is not None and not rewrite:
+            return _BodyStream(environ["wsgi.input"], length) if length else None
+        body = environ["wsgi.input"].read()
+        if rewrite and body:
+            body = force_model(body, self.forced_model)
+        return body or None
+
+    def send(self, method, target, headers, body, watch):
+        """Send to a healthy backend, trying others while connections cannot be opened and waiting
+        up to NO_BACKEND_WAIT_SECONDS for one to come back; `_Failed` carries the error answer."""
+        deadline = time.monotonic() + self.no_backend_wait
         tried = []
         while True:
             backend = pick_backend(self.registry.healthy, tried)
             if backend is None:
+                remaining = deadline - time.monotonic()
+                with watch or contextlib.nullcontext():
+                    came_back = remaining > 0 and self.registry.wait_for_healthy(remaining)
+                if came_back:
+                    tried = []  # a poll has seen them healthy since they failed
+                    continue
                 if tried:
-                    return error_response(502, "No backend could be reached.")
-                return error_response(503, "No healthy backend is available.")
+                    raise _Failed(502, "No backend could be reached.")
+                raise _Failed(503, "No healthy backend is available.")
             try:
-                response = upstream.send(request.method, backend.url + target, headers,
-                                         body or None, self.connect_timeout, self.read_timeout)
-                break
+                with watch or contextlib.nullcontext():
+                    return backend, upstream.send(method, backend.url + target, headers, body,
+                                                  self.connect_timeout, self.read_timeout)
             except upstream.ConnectFailed as exc:
                 self.registry.mark_unreachable(backend, str(exc))
                 tried.append(backend)
             except upstream.UpstreamTimeout:
-                return error_response(504, f"The backend did not answer within "
-                                           f"{self.read_timeout:g} s.")
+                raise _Failed(504, f"The backend did not answer within {self.read_timeout:g} s.")
             except upstream.UpstreamFailed as exc:
-                return error_response(502, f"The backend failed before answering: {exc}.")
+                raise _Failed(502, f"The backend failed before answering: {exc}.")
 
-        sse = response.headers.get("content-type", "").startswith("text/event-stream")
-        body_iter = relay.relay_body(response, backend.url, sse, environ.get("gunicorn.socket"))
-        relayed = RelayedResponse(body_iter, status=response.status_code,
-                                  headers=relay.response_headers(response.raw.headers))
-        # For HEAD, 204 and 304 Werkzeug never starts the generator, so its `finally` never runs.
-        relayed.call_on_close(response.close)
-        return relayed
+
+class _Failed(Exception):
+    """No backend answered; `response` is the error to give the client."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.response = error_response(status, message)

@@ -2,11 +2,13 @@
 
 The health poller is the only writer of scraped figures and of the backend list; the request path
 reads `Registry.healthy` (a tuple rebuilt only when health changes, so picking a backend costs no
-scan) and marks a backend down at once when it cannot be reached. Everything runs in one gevent
-worker's greenlets, so no locks are needed: nothing here yields.
+scan), marks a backend down at once when it cannot be reached, and may wait for a backend to come
+back. Everything runs in one gevent worker's greenlets, so no locks are needed.
 """
 
 import time
+
+from gevent.event import Event
 
 
 class Backend:
@@ -42,6 +44,10 @@ class Registry:
         self._backends = {}
         self.healthy = ()
         self.first_cycle_done = False
+        self._some_healthy = Event()
+        # Set by a request that found nothing healthy: the poller polls again at once.
+        self.poll_requested = Event()
+        self.waiting_requests = 0
 
     def backends(self) -> "list[Backend]":
         return list(self._backends.values())
@@ -66,6 +72,17 @@ class Registry:
         backend.last_error = error
         self._set_health(backend, False)
 
+    def wait_for_healthy(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds until some backend is healthy; True if one is."""
+        if self.healthy:
+            return True
+        self.waiting_requests += 1
+        self.poll_requested.set()
+        try:
+            return self._some_healthy.wait(timeout)
+        finally:
+            self.waiting_requests -= 1
+
     def _set_health(self, backend: Backend, healthy: bool) -> None:
         if backend.healthy != healthy:
             backend.healthy = healthy
@@ -73,6 +90,10 @@ class Registry:
 
     def _refresh_healthy(self) -> None:
         self.healthy = tuple(b for b in self._backends.values() if b.healthy)
+        if self.healthy:
+            self._some_healthy.set()
+        else:
+            self._some_healthy.clear()
 
     def status(self) -> dict:
         """The `/_backends` document."""

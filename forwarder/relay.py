@@ -7,12 +7,14 @@ event and `[DONE]`; any other client gets a connection closed before the body is
 a truncated body that looks finished.
 """
 
+import contextlib
 import json
 import logging
-import socket
 
 from urllib3.exceptions import HTTPError as Urllib3Error
 from werkzeug.http import parse_list_header
+
+from .client_watch import ClientGone, ClientWatch
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +58,20 @@ def sse_error_event(message: str, code: int) -> bytes:
     return b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n"
 
 
-def relay_body(response, backend_url: str, sse: bool, client_socket):
-    """Yield the backend's body as it arrives; close the backend connection however it ends."""
+def relay_body(response, backend_url: str, sse: bool, watch: "ClientWatch | None"):
+    """Yield the backend's body as it arrives; close the backend connection however it ends
+    (when the client leaves, that close is what makes vLLM abort the generation)."""
     read = response.raw.read1
+    waiting = watch or contextlib.nullcontext()
     try:
         while True:
-            chunk = read(READ_SIZE)
+            with waiting:
+                chunk = read(READ_SIZE)
             if not chunk:
                 return
             yield chunk
+    except ClientGone:
+        return
     except (Urllib3Error, OSError) as exc:
         timed_out = "timed out" in str(exc).lower()
         message = (f"backend {backend_url} went silent past READ_TIMEOUT_SECONDS"
@@ -73,11 +80,8 @@ def relay_body(response, backend_url: str, sse: bool, client_socket):
         if sse:
             # 502 whatever the cause, as SPEC's in-band example: the request failed upstream.
             yield sse_error_event(message, 502)
-        elif client_socket is not None:
+        elif watch is not None:
             # Nothing else tells an HTTP client that a body with no length is incomplete.
-            try:
-                client_socket.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            watch.abort_client()
     finally:
         response.close()

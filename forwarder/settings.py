@@ -84,6 +84,9 @@ SETTINGS = (
     Setting("READ_TIMEOUT_SECONDS", "600", _positive_seconds,
             "longest silence from a backend, before or between chunks, before `504` "
             "(mid-stream: an in-band error event, then the end of the stream)"),
+    Setting("NO_BACKEND_WAIT_SECONDS", "0", _seconds,
+            "when no backend is healthy, how long a request waits for one to come back "
+            "before `503`"),
 )
 
 Settings = dataclasses.make_dataclass(

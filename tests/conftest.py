@@ -1,0 +1,53 @@
+"""Fixtures that start fake vLLM backends and forwarders, and stop every one of them by PID at
+teardown, whatever the test did. (No gevent here: the pytest process is never monkey-patched.)"""
+
+import pytest
+
+from tests.harness import FakeBackend, Forwarder, log_tail
+
+
+@pytest.fixture
+def fake_backend(tmp_path_factory):
+    """Factory: `fake_backend(name=None, config=None, port=None)` -> a started FakeBackend."""
+    started = []
+
+    def start(name=None, config=None, port=None):
+        backend = FakeBackend.start(name=name, port=port, config=config,
+                                    log_dir=tmp_path_factory.mktemp("fake_vllm"))
+        started.append(backend)
+        return backend
+
+    yield start
+    _stop_all(started, "fake vllm")
+
+
+@pytest.fixture
+def forwarder(tmp_path_factory):
+    """Factory: `forwarder(ip_lines, env=None, workers=1, extra_args=(), wait_healthy=None)`
+    -> a started Forwarder."""
+    started = []
+
+    def start(ip_lines, env=None, workers=1, extra_args=(), wait_healthy=None):
+        instance = Forwarder.start(ip_lines, env=env, workers=workers, extra_args=extra_args,
+                                   wait_healthy=wait_healthy,
+                                   log_dir=tmp_path_factory.mktemp("forwarder"))
+        started.append(instance)
+        return instance
+
+    yield start
+    _stop_all(started, "forwarder")
+
+
+def _stop_all(processes, what):
+    """Stop each (one failing does not spare the others); print log tails, which pytest shows
+    with a failed test's report."""
+    errors = []
+    for process in processes:
+        try:
+            process.stop()
+        except Exception as error:  # keep stopping the rest
+            errors.append(error)
+        print(f"--- {what} pid {process.pid} log {process.log_path} (tail)\n"
+              f"{log_tail(process.log_path)}")
+    if errors:
+        raise errors[0]

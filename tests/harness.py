@@ -1,0 +1,297 @@
+"""Process helpers for end-to-end tests: a fake vLLM backend and the forwarder, each a subprocess.
+
+Both are started from the repository root with this interpreter, log to a file (never a pipe
+that nobody drains), are waited on through HTTP with a deadline, and are stopped by PID.
+`tests/conftest.py` wraps them in fixtures that stop everything even when a test fails.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LISTENING = re.compile(r"fake vllm listening on http://127\.0\.0\.1:(\d+)")
+
+
+def _request(method, url, **kwargs):
+    """One request on a connection of its own, closed once answered: no proxy from the
+    environment, and no idle keep-alive left behind (gunicorn's gevent worker waits for those on
+    SIGTERM, up to graceful_timeout)."""
+    with requests.Session() as session:
+        session.trust_env = False
+        return session.request(method, url, **kwargs)
+
+
+def free_port() -> int:
+    """A port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout=5.0, interval=0.02, message="condition not met"):
+    """Poll `predicate` until it returns something truthy, and return that.
+
+    Raises AssertionError(message) after `timeout` seconds; `message` may be a callable, called
+    only then (to include a log, say).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(message() if callable(message) else message)
+        time.sleep(interval)
+
+
+def _log_dir(log_dir, prefix):
+    """A fresh directory for one process's files, inside `log_dir` when given."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=log_dir))
+
+
+def _spawn(command, log_path, env=None):
+    """Start `command` from the repository root, output to `log_path`, in a process group of
+    its own (its ID is the PID) so that `_stop` can reach the children a SIGKILL would orphan."""
+    with open(log_path, "a") as log:
+        return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+def _stop(proc, timeout):
+    """SIGTERM by PID; after `timeout` seconds SIGKILL its process group (gunicorn's workers
+    too, and any left behind by a master that already died); the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return proc.wait()
+
+
+def log_tail(path, lines=40):
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class FakeBackend:
+    """A `python -m tests.fake_vllm` subprocess and its control API."""
+
+    def __init__(self, name, config, log_dir):
+        self.name = name
+        self.start_config = config or {}
+        self.log_dir = log_dir
+        self.log_path = log_dir / "fake_vllm.log"
+        self.port = None
+        self.proc = None
+
+    @classmethod
+    def start(cls, name=None, port=None, config=None, log_dir=None) -> "FakeBackend":
+        """Start a fake; `port=None` lets it pick a free one. Waits until it answers (10 s)."""
+        backend = cls(name, config, _log_dir(log_dir, "fake-vllm-"))
+        backend._launch(port or 0)
+        return backend
+
+    def _launch(self, port):
+        command = [sys.executable, "-m", "tests.fake_vllm", "--host", "127.0.0.1",
+                   "--port", str(port)]
+        if self.name:
+            command += ["--name", self.name]
+        if self.start_config:
+            command += ["--config", json.dumps(self.start_config)]
+        self.proc = _spawn(command, self.log_path)
+        self.port = port
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"fake vllm exited with {self.proc.returncode}:\n"
+                                     f"{log_tail(self.log_path)}")
+            if not self.port:
+                found = LISTENING.findall(self.log_path.read_text(errors="replace"))
+                self.port = int(found[-1]) if found else 0
+            return self.port and self._answers()
+
+        wait_until(ready, timeout=10, message=lambda: (
+            f"fake vllm not answering on port {self.port or port} within 10 s:\n"
+            f"{log_tail(self.log_path)}"))
+        self.name = self.name or f"127.0.0.1:{self.port}"
+
+    def _answers(self):
+        try:
+            return _request("GET", self.url + "/_fake/config", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def _control(self, method, path, body=None):
+        response = _request(method, self.url + "/_fake/" + path, json=body, timeout=5)
+        response.raise_for_status()
+        return response.json()
+
+    def configure(self, **config):
+        """Merge `config` into the fake's config (keys as in `fake_vllm.DEFAULTS`); the result."""
+        return self._control("POST", "config", config)
+
+    def reset(self):
+        """Forget recorded requests and disconnects; config back to the start-up config."""
+        return self._control("POST", "reset")
+
+    def requests(self):
+        """Every /v1 request received: dicts with id, time, method, path (raw, with the query),
+        headers (lower-case name -> list of values), body_b64, body_length, body_sha256, json."""
+        return self._control("GET", "requests")
+
+    def disconnects(self):
+        """Every /v1 response whose client left early: request_id, time, method, path,
+        chunks_sent."""
+        return self._control("GET", "disconnects")
+
+    def kill(self):
+        """SIGKILL, and reap it."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        return self.proc.wait()
+
+    def stop(self):
+        """SIGTERM, then SIGKILL after 3 s."""
+        return _stop(self.proc, 3)
+
+    def restart(self):
+        """Stop it if running, then start it again on the same port with the start-up config."""
+        self.stop()
+        self._launch(self.port)
+        return self
+
+
+class Forwarder:
+    """The forwarder under gunicorn, as an operator starts it, on a port of its own."""
+
+    def __init__(self, ip_lines, env, workers, extra_args, log_dir):
+        self.dir = log_dir
+        self.ip_file = log_dir / "ip.txt"
+        self.ip_file.write_text("".join(f"{line}\n" for line in ip_lines))
+        self.log_path = log_dir / "forwarder.log"
+        self.env = dict(env or {})
+        self.workers = workers
+        self.extra_args = list(extra_args)
+        self.port = None
+        self.proc = None
+
+    def _command(self):
+        return [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "forwarder.wsgi:app",
+                "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.workers),
+                "--no-control-socket", *self.extra_args]
+
+    def _environment(self):
+        environment = dict(os.environ, PYTHONUNBUFFERED="1", CHECK_INTERVAL_SECONDS="0.2",
+                           IP_LIST_FILE=str(self.ip_file))
+        for key, value in self.env.items():
+            if value is None:
+                environment.pop(key, None)
+            else:
+                environment[key] = value
+        return environment
+
+    def _popen(self):
+        self.port = free_port()
+        self.proc = _spawn(self._command(), self.log_path, self._environment())
+
+    @classmethod
+    def start(cls, ip_lines, env=None, workers=1, extra_args=(), wait_healthy=None,
+              log_dir=None) -> "Forwarder":
+        """Start gunicorn; wait (15 s) until GET /_backends answers 200, and, when
+        `wait_healthy` is given, until it reports that many healthy backends."""
+        forwarder = cls(ip_lines, env, workers, extra_args, _log_dir(log_dir, "forwarder-"))
+        forwarder._popen()
+
+        def ready():
+            if forwarder.proc.poll() is not None:
+                raise AssertionError(f"forwarder exited with {forwarder.proc.returncode}:\n"
+                                     f"{log_tail(forwarder.log_path)}")
+            try:
+                response = _request("GET", forwarder.url + "/_backends", timeout=1,
+                                    headers=forwarder._admin_headers())
+            except requests.RequestException:
+                return False
+            if response.status_code != 200:
+                return False
+            return wait_healthy is None or response.json()["healthy"] == wait_healthy
+
+        try:
+            wait_until(ready, timeout=15, message=lambda: (
+                f"forwarder not ready (wait_healthy={wait_healthy}) within 15 s:\n"
+                f"{log_tail(forwarder.log_path)}"))
+        except BaseException:
+            forwarder.stop()
+            raise
+        return forwarder
+
+    @classmethod
+    def run_expecting_failure(cls, env, ip_lines=("127.0.0.1:1",), timeout=15, log_dir=None):
+        """Run the same command and wait for it to exit: (returncode, combined output)."""
+        forwarder = cls(ip_lines, env, 1, (), _log_dir(log_dir, "forwarder-"))
+        forwarder._popen()
+        try:
+            returncode = forwarder.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            forwarder.stop()
+            raise AssertionError(f"forwarder still running after {timeout} s:\n"
+                                 f"{log_tail(forwarder.log_path)}") from None
+        return returncode, forwarder.log()
+
+    def _admin_headers(self):
+        key = self.env.get("ADMIN_API_KEY")
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def backends(self):
+        """The GET /_backends JSON."""
+        response = _request("GET", self.url + "/_backends", timeout=5,
+                            headers=self._admin_headers())
+        response.raise_for_status()
+        return response.json()
+
+    def stop(self, timeout=10):
+        """SIGTERM, wait up to `timeout` s, then SIGKILL; the exit code."""
+        return _stop(self.proc, timeout)
