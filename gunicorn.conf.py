@@ -19,7 +19,8 @@ except _settings.SettingError as _exc:
     sys.exit(2)
 
 bind = "0.0.0.0:9000"
-worker_class = "gevent"
+# gunicorn's gevent worker, except that idle keep-alive connections do not hold up shutdown.
+worker_class = "forwarder.gunicorn_worker.Worker"
 workers = os.cpu_count() or 1
 # Counts every open connection, streams and idle keep-alives alike.
 worker_connections = 1000

@@ -105,6 +105,7 @@ class Proxy:
                                   headers=relay.response_headers(response.raw.headers))
         # For HEAD, 204 and 304 Werkzeug never starts the generator, so its `finally` never runs.
         relayed.call_on_close(response.close)
+        relayed.call_on_close(backend.release)
         if watch:
             relayed.call_on_close(watch.stop)
         return relayed
@@ -138,10 +139,14 @@ class Proxy:
                 if tried:
                     raise _Failed(502, "No backend could be reached.")
                 raise _Failed(503, "No healthy backend is available.")
+            backend.in_flight += 1
+            sent = False
             try:
                 with watch or contextlib.nullcontext():
-                    return backend, upstream.send(method, backend.url + target, headers, body,
-                                                  self.connect_timeout, self.read_timeout)
+                    response = upstream.send(method, backend.url + target, headers, body,
+                                             self.connect_timeout, self.read_timeout)
+                sent = True
+                return backend, response
             except upstream.ConnectFailed as exc:
                 self.registry.mark_unreachable(backend, str(exc))
                 tried.append(backend)
@@ -149,6 +154,9 @@ class Proxy:
                 raise _Failed(504, f"The backend did not answer within {self.read_timeout:g} s.")
             except upstream.UpstreamFailed as exc:
                 raise _Failed(502, f"The backend failed before answering: {exc}.")
+            finally:
+                if not sent:
+                    backend.release()
 
 
 class _Failed(Exception):

@@ -15,7 +15,7 @@ class Backend:
     """One vLLM server, known by its base URL, as last seen by this worker."""
 
     __slots__ = ("url", "healthy", "num_requests_running", "num_requests_waiting",
-                 "last_checked_at", "last_error")
+                 "last_checked_at", "last_error", "in_flight")
 
     def __init__(self, url: str):
         self.url = url
@@ -24,6 +24,12 @@ class Backend:
         self.num_requests_waiting = None
         self.last_checked_at = None
         self.last_error = None
+        # Requests this worker has sent to the backend and not finished relaying: never stale.
+        self.in_flight = 0
+
+    def release(self) -> None:
+        """One request relayed through this backend has finished."""
+        self.in_flight -= 1
 
     def status(self) -> dict:
         """The backend as `/_backends` shows it."""
@@ -34,6 +40,7 @@ class Backend:
             "num_requests_waiting": self.num_requests_waiting,
             "last_checked_at": self.last_checked_at,
             "last_error": self.last_error,
+            "in_flight": self.in_flight,
         }
 
 

@@ -68,11 +68,11 @@ def _spawn(command, log_path, env=None):
                                 start_new_session=True)
 
 
-def _stop(proc, timeout):
-    """SIGTERM by PID; after `timeout` seconds SIGKILL its process group (gunicorn's workers
+def _stop(proc, timeout, sig=signal.SIGTERM):
+    """`sig` by PID; after `timeout` seconds SIGKILL its process group (gunicorn's workers
     too, and any left behind by a master that already died); the exit code."""
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -292,6 +292,8 @@ class Forwarder:
         response.raise_for_status()
         return response.json()
 
-    def stop(self, timeout=10):
-        """SIGTERM, wait up to `timeout` s, then SIGKILL; the exit code."""
-        return _stop(self.proc, timeout)
+    def stop(self, timeout=10, graceful=False):
+        """Stop gunicorn, then SIGKILL after `timeout` s; the exit code. By default with SIGINT,
+        gunicorn's quick shutdown, which spares tests the graceful drain's one-second ticks;
+        `graceful=True` sends SIGTERM, as an orchestrator does."""
+        return _stop(self.proc, timeout, signal.SIGTERM if graceful else signal.SIGINT)
