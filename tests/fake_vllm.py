@@ -31,6 +31,7 @@ import http
 import json
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -58,6 +59,7 @@ DEFAULTS = {
     "tokens": 5,  # content events per stream (the request's max_tokens overrides it)
     "stall_after": None,  # a stream goes silent forever after this many content events
     "die_after": None,  # the process exits after this many content events of a stream
+    "die_mid_body": False,  # a non-streamed body: half of it is sent, then the process exits
     "set_cookies": [],  # each becomes its own Set-Cookie header on /v1 responses
 }
 
@@ -186,9 +188,34 @@ class Exchange:
 
 
 class Handler(WSGIHandler):
-    """Adds what plain WSGI hides: the client socket, the raw request target, repeated headers."""
+    """Adds what plain WSGI hides: the client socket, the raw request target, repeated headers;
+    and a graceful stop like vLLM's uvicorn: idle keep-alive connections closed at once, requests
+    in progress finished, each connection closed after its response."""
+
+    idle = set()  # handlers waiting for their connection's next request
+    stopping = False
+
+    def read_requestline(self):
+        Handler.idle.add(self)
+        try:
+            return super().read_requestline()
+        finally:
+            Handler.idle.discard(self)
+
+    @classmethod
+    def stop_gracefully(cls, server):
+        cls.stopping = True
+        server.close()
+        for handler in list(cls.idle):
+            try:
+                handler.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        server.stop(10)
 
     def get_environ(self):
+        if Handler.stopping:
+            self.close_connection = True
         environ = super().get_environ()
         environ["fake.socket"] = self.socket
         environ["fake.raw_path"] = self.path
@@ -263,7 +290,7 @@ class App:
             response_headers = [("Content-Type", content_type), *headers, *extra]
             if isinstance(chunks, bytes):
                 response_headers.append(("Content-Length", str(len(chunks))))
-                chunks = [chunks]
+                chunks = half_then_die(chunks) if config["die_mid_body"] else [chunks]
             start_response(f"{status} {http.HTTPStatus(status).phrase}", response_headers)
             return exchange.body(chunks)
 
@@ -389,6 +416,13 @@ class Completion:
         yield b"data: [DONE]\n\n"
 
 
+def half_then_die(body):
+    yield body[:len(body) // 2]
+    gevent.sleep(0.05)  # let the half reach the socket before the process goes
+    print("fake vllm: die_mid_body, exiting", flush=True)
+    os._exit(1)
+
+
 def embeddings(request, body_hash):
     items = request.get("input")
     if isinstance(items, str) or not isinstance(items, list) or not items \
@@ -422,6 +456,8 @@ def main(argv=None):
     host, port = server.address[:2]
     state.name = state.name or f"{host}:{port}"
     print(f"fake vllm listening on http://{host}:{port}", flush=True)
+    # Like vLLM's uvicorn: SIGTERM stops accepting and lets requests in progress finish.
+    gevent.signal_handler(signal.SIGTERM, Handler.stop_gracefully, server)
     server.serve_forever()
 
 
