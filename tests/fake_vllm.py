@@ -26,6 +26,7 @@ if __name__ == "__main__":
 import argparse
 import base64
 import copy
+import gzip
 import hashlib
 import http
 import json
@@ -60,6 +61,7 @@ DEFAULTS = {
     "stall_after": None,  # a stream goes silent forever after this many content events
     "die_after": None,  # the process exits after this many content events of a stream
     "die_mid_body": False,  # a non-streamed body: half of it is sent, then the process exits
+    "gzip": False,  # non-streamed bodies are gzip-compressed for clients that accept it
     "set_cookies": [],  # each becomes its own Set-Cookie header on /v1 responses
 }
 
@@ -289,6 +291,9 @@ class App:
         def send(status, chunks, content_type="application/json", extra=()):
             response_headers = [("Content-Type", content_type), *headers, *extra]
             if isinstance(chunks, bytes):
+                if config["gzip"] and "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
+                    chunks = gzip.compress(chunks, mtime=0)
+                    response_headers.append(("Content-Encoding", "gzip"))
                 response_headers.append(("Content-Length", str(len(chunks))))
                 chunks = half_then_die(chunks) if config["die_mid_body"] else [chunks]
             start_response(f"{status} {http.HTTPStatus(status).phrase}", response_headers)

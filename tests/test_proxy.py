@@ -1,6 +1,7 @@
 """End-to-end: the `/v1/*` proxy through a real gunicorn in front of fake vLLM processes."""
 
 import base64
+import gzip
 import hashlib
 import http.client
 import json
@@ -48,7 +49,8 @@ def test_response_bytes_equal_a_direct_request(fake_backend, forwarder):
     assert relayed.headers["content-type"] == direct.headers["content-type"]
 
 
-@pytest.mark.parametrize("method", ["GET", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND"])
+@pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS",
+                                    "PROPFIND"])
 def test_every_method_on_any_path_is_forwarded(fake_backend, forwarder, method):
     backend = fake_backend()
     fwd = forwarder(ip_lines(backend), wait_healthy=1)
@@ -182,6 +184,21 @@ def test_stream_bytes_equal_a_direct_stream(fake_backend, forwarder):
         direct = http.post(backend.url + "/v1/completions", json=body).content
         relayed = http.post(fwd.url + "/v1/completions", json=body).content
     assert relayed == direct
+
+
+def test_compressed_responses_pass_through_as_sent(fake_backend, forwarder):
+    backend = fake_backend(config={"gzip": True})
+    fwd = forwarder(ip_lines(backend), wait_healthy=1)
+    body = {"model": "llama", "messages": [{"role": "user", "content": "hi"}]}
+    with requests.Session() as http:
+        direct = http.post(backend.url + "/v1/chat/completions", json=body, stream=True)
+        relayed = http.post(fwd.url + "/v1/chat/completions", json=body, stream=True)
+        raw_direct = direct.raw.read(decode_content=False)
+        raw_relayed = relayed.raw.read(decode_content=False)
+    assert relayed.headers["content-encoding"] == "gzip"
+    assert raw_relayed == raw_direct
+    assert int(relayed.headers["content-length"]) == len(raw_relayed)
+    assert json.loads(gzip.decompress(raw_relayed))["object"] == "chat.completion"
 
 
 def test_set_cookie_headers_stay_apart(fake_backend, forwarder):
