@@ -127,6 +127,7 @@ class Proxy:
         up to NO_BACKEND_WAIT_SECONDS for one to come back; `_Failed` carries the error answer."""
         deadline = time.monotonic() + self.no_backend_wait
         tried = []
+        stale_retried = False
         while True:
             backend = pick_backend(self.registry.healthy, tried)
             if backend is None:
@@ -148,6 +149,9 @@ class Proxy:
                 sent = True
                 return backend, response
             except upstream.ConnectFailed as exc:
+                if exc.stale and not stale_retried:
+                    stale_retried = True  # the keep-alive race: the backend is not down
+                    continue
                 self.registry.mark_unreachable(backend, str(exc))
                 tried.append(backend)
             except upstream.UpstreamTimeout:

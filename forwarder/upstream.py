@@ -6,10 +6,13 @@ default headers of its own, follows no redirects and never retries: a request th
 backend is not sent twice.
 """
 
+import http.client
 import http.cookiejar
 
 import requests
 import requests.adapters
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError
 
 # Host pools kept per worker: enough for a large fleet, so no backend's connections are evicted.
@@ -19,7 +22,51 @@ DEFAULT_POOL_MAXSIZE = 1000
 
 
 class ConnectFailed(Exception):
-    """No connection could be opened: nothing was sent, so another backend may be tried."""
+    """No connection could be opened: nothing was sent, so another backend may be tried.
+    `stale`: a kept-alive connection turned out closed (see `StaleConnectionError`)."""
+
+    def __init__(self, reason: str, stale: bool = False):
+        super().__init__(reason)
+        self.stale = stale
+
+
+class StaleConnectionError(NewConnectionError):
+    """A kept-alive connection that the backend closed or reset without a byte of answer.
+
+    This is the keep-alive race: a server closes an idle connection (its idle timeout, or
+    uvicorn closing idle connections when vLLM shuts down) just as a request is sent on it. The
+    server never read that request, so it is sent again on a fresh connection, as if that
+    connection had failed to open. (The one case it cannot be told apart from: a backend that
+    read the request and died before answering a byte; vLLM keeps nothing of such a request.)
+    A subclass of NewConnectionError so that urllib3 and requests report it as a connect failure.
+    """
+
+
+def _stale_aware(connection_class):
+    class Connection(connection_class):
+        _answered = False  # has this connection carried a whole exchange already?
+
+        def getresponse(self, *args, **kwargs):
+            try:
+                response = super().getresponse(*args, **kwargs)
+            except (http.client.RemoteDisconnected, ConnectionResetError) as exc:
+                if self._answered:
+                    raise StaleConnectionError(self, f"kept-alive connection dropped: {exc}") \
+                        from exc
+                raise
+            self._answered = True
+            return response
+
+    Connection.__name__ = Connection.__qualname__ = "StaleAware" + connection_class.__name__
+    return Connection
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _stale_aware(HTTPConnection)
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _stale_aware(HTTPSConnection)
 
 
 class UpstreamTimeout(Exception):
@@ -40,6 +87,7 @@ def make_session(pool_maxsize: int) -> requests.Session:
     adapter = requests.adapters.HTTPAdapter(
         pool_connections=MAX_BACKEND_POOLS, pool_maxsize=pool_maxsize,
         max_retries=0, pool_block=False)
+    adapter.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
@@ -81,7 +129,8 @@ def send(method: str, url: str, headers: dict, body, connect_timeout: float,
     except requests.ConnectionError as exc:
         reason = getattr(exc.args[0], "reason", None) if exc.args else None
         if isinstance(reason, NewConnectionError):
-            raise ConnectFailed(describe(reason)) from exc
+            raise ConnectFailed(describe(reason),
+                                stale=isinstance(reason, StaleConnectionError)) from exc
         raise UpstreamFailed(describe(exc)) from exc
     except requests.RequestException as exc:
         raise UpstreamFailed(str(exc)) from exc
