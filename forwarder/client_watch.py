@@ -27,7 +27,13 @@ class ClientWatch:
         self._greenlet = gevent.getcurrent()
         self._waiting = False
         self.gone = False
-        self._watcher = gevent.spawn(self._watch, client_socket)
+        self._watcher = None
+
+    def start(self) -> None:
+        """Start watching; only once the request body has been read, or its bytes would look
+        like the client still talking."""
+        if self._watcher is None:
+            self._watcher = gevent.spawn(self._watch, self._socket)
 
     def _watch(self, client_socket) -> None:
         try:
@@ -56,7 +62,8 @@ class ClientWatch:
         self._waiting = False
 
     def stop(self) -> None:
-        self._watcher.kill(block=False)
+        if self._watcher is not None:
+            self._watcher.kill(block=False)
 
     def abort_client(self) -> None:
         """Cut the client's connection, so that it sees a response body end before its end."""

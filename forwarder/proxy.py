@@ -3,7 +3,8 @@
 Path, query string, body and headers go to the backend as the client sent them, except
 hop-by-hop headers and, when `FORCED_MODEL_NAME` is set, the `model` field of a JSON-object POST
 body. A backend that cannot be connected to is marked down and another is tried (nothing was sent
-to it); once a request reached a backend it is never sent again.
+to it); once a request reached a backend it is not sent again (but for the keep-alive race that
+`upstream.StaleConnectionError` describes).
 """
 
 import contextlib
@@ -57,17 +58,30 @@ class _BodyStream:
     a large upload is never held in memory. Nothing is read before the backend connection is
     open, so a backend that cannot be connected to leaves it whole for the next one."""
 
-    __slots__ = ("_input", "_length")
+    __slots__ = ("_input", "_length", "_on_end")
 
-    def __init__(self, wsgi_input, length: int):
+    def __init__(self, wsgi_input, length: int, on_end):
         self._input = wsgi_input
         self._length = length
+        self._on_end = on_end
 
     def __len__(self) -> int:
         return self._length
 
     def read(self, size: int = -1) -> bytes:
-        return self._input.read(size if size >= 0 else None)
+        data = self._input.read(size if size >= 0 else None)
+        if not data:
+            self._on_end()
+        return data
+
+
+# Bodies up to this size are read whole: cheap, and they can be sent again after the keep-alive
+# race. Larger ones (uploads of audio, files, big batches) are streamed through.
+STREAMED_BODY_BYTES = 1 << 20
+
+
+def _nothing():
+    pass
 
 
 class Proxy:
@@ -85,10 +99,12 @@ class Proxy:
         target = upstream_target(environ.get("RAW_URI") or request.full_path)
         if target is None:
             return error_response(400, "The request path must stay under /v1/.")
-        body = self.request_body(environ)
-        headers = relay.request_headers(request.headers)
         client_socket = environ.get("gunicorn.socket")
         watch = ClientWatch(client_socket) if client_socket is not None else None
+        body = self.request_body(environ, watch.start if watch else _nothing)
+        if not isinstance(body, _BodyStream) and watch:
+            watch.start()
+        headers = relay.request_headers(request.headers)
         try:
             backend, response = self.send(request.method, target, headers, body, watch)
         except ClientGone:
@@ -110,13 +126,13 @@ class Proxy:
             relayed.call_on_close(watch.stop)
         return relayed
 
-    def request_body(self, environ):
-        """The body to send: streamed from the client when its length is known and it needs no
-        rewrite, read whole otherwise (a chunked upload, or a `model` to force)."""
+    def request_body(self, environ, on_end):
+        """The body to send: streamed from the client when it is large, its length is known and it
+        needs no rewrite (`on_end` is called once it has all been read); read whole otherwise."""
         length = request.content_length
         rewrite = self.forced_model and request.method == "POST"
-        if length is not None and not rewrite:
-            return _BodyStream(environ["wsgi.input"], length) if length else None
+        if length is not None and length > STREAMED_BODY_BYTES and not rewrite:
+            return _BodyStream(environ["wsgi.input"], length, on_end)
         body = environ["wsgi.input"].read()
         if rewrite and body:
             body = force_model(body, self.forced_model)
@@ -149,8 +165,12 @@ class Proxy:
                 sent = True
                 return backend, response
             except upstream.ConnectFailed as exc:
-                if exc.stale and not stale_retried:
-                    stale_retried = True  # the keep-alive race: the backend is not down
+                if exc.stale:
+                    # The keep-alive race: the backend is not down, and did not read the request.
+                    # A streamed body is gone, though, and a second race is no race.
+                    if stale_retried or isinstance(body, _BodyStream):
+                        raise _Failed(502, "The backend closed the connection without answering.")
+                    stale_retried = True
                     continue
                 self.registry.mark_unreachable(backend, str(exc))
                 tried.append(backend)
