@@ -11,7 +11,7 @@ import requests
 
 from tests.harness import wait_until
 
-ROUNDS = 30  # requests per routing check: a backend in rotation gets none with p < 1e-4
+ROUNDS = 20  # requests per routing check: one of two backends gets none with p < 1e-5
 
 
 def shown(fwd):
@@ -73,11 +73,10 @@ def test_dns_entry_backends_follow_the_name_between_polls(fake_dns, fake_backend
 def test_hanging_dns_server_delays_neither_relayed_requests_nor_health(
         fake_dns, fake_backend, forwarder):
     listed = fake_backend()
-    pod = fake_backend(host="127.0.0.2")
     dns = fake_dns()
     dns.set_zone({}, mode="hang")
     timeout = 1.5
-    fwd = forwarder([listed.url, f"dns+vllm.test:{pod.port}"],
+    fwd = forwarder([listed.url, "dns+vllm.test:8000"],
                     env={"DNS_SERVER": dns.address, "DNS_TIMEOUT_SECONDS": str(timeout)})
 
     # The first cycle waits for the lookup, so the worker is not ready yet...
@@ -96,21 +95,13 @@ def test_hanging_dns_server_delays_neither_relayed_requests_nor_health(
     slowest = 0.0
     with requests.Session() as http:
         http.trust_env = False
-        until = time.monotonic() + timeout + 1
+        until = time.monotonic() + timeout + 0.5
         while time.monotonic() < until:
             sent = time.monotonic()
             assert http.get(fwd.url + "/v1/models", timeout=10).status_code == 200
             slowest = max(slowest, time.monotonic() - sent)
     assert len(dns.questions()) > questions, "no lookup happened meanwhile"
     assert slowest < timeout / 2, f"a request waited {slowest:.2f} s for the DNS lookup"
-
-    # The name resolves: its pod joins. Then the server hangs again: the pod stays.
-    dns.set_zone({"vllm.test": {"A": ["127.0.0.2"]}})
-    wait_until(lambda: healthy_urls(fwd) == {listed.url, pod.url}, timeout=2 * timeout + 5)
-    dns.set_zone({}, mode="hang")
-    failed = f"dns+vllm.test:{pod.port}: DNS lookup failed"
-    wait_until(lambda: fwd.log().count(failed) == 2, timeout=2 * timeout + 5)
-    assert healthy_urls(fwd) == {listed.url, pod.url}
 
 
 def _configmap_volume(directory, text, version):
