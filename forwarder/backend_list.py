@@ -104,13 +104,13 @@ def parse_entry(entry: str, default_port: int) -> "str | DnsName":
 def parse_backend_list(text: str, filename: str, default_port: int) -> "list[str | DnsName]":
     """The distinct entries of a backend list (base URLs and `DnsName`s), in file order; bad
     lines are logged and skipped."""
-    urls = {}
+    parsed = {}
     for number, line in enumerate(text.splitlines(), start=1):
         entry = line.split("#", 1)[0].strip()
         if not entry:
             continue
         try:
-            urls.setdefault(parse_entry(entry, default_port), None)
+            parsed.setdefault(parse_entry(entry, default_port), None)
         except ValueError as exc:
             log.warning("%s:%d: skipping backend entry %r: %s", filename, number, entry, exc)
-    return list(urls)
+    return list(parsed)
