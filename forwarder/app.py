@@ -22,6 +22,16 @@ def create_app(settings, registry: Registry = REGISTRY) -> Flask:
     def backends():
         return jsonify(registry.status())
 
+    @app.get("/_health")
+    def health():
+        # For probes: ready once this worker has polled the fleet once. A fleet with nothing
+        # healthy is still `ok`: the forwarder itself works and answers 503 in OpenAI's shape.
+        figures = {"backends_healthy": len(registry.healthy),
+                   "backends_total": len(registry.backends())}
+        if not registry.first_cycle_done:
+            return jsonify(status="starting", **figures), 503
+        return jsonify(status="ok", **figures)
+
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         return error_response(exc.code or 500, exc.description or exc.name)

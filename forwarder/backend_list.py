@@ -2,10 +2,12 @@
 
 An entry is `host`, `host:port`, `[v6]:port`, a bare IPv6 address, or an `http(s)://` URL whose
 trailing `/v1` is dropped. Each becomes a base URL: health is `GET {base}/metrics`, the API is
-`{base}/v1/...`. A line that cannot be understood is logged with file and line number and
-skipped; the others still load.
+`{base}/v1/...`. A `dns+NAME:PORT` entry becomes a `DnsName`, which stands for every address
+`NAME` resolves to (`forwarder.discovery` expands it every poll cycle). A line that cannot be
+understood is logged with file and line number and skipped; the others still load.
 """
 
+import dataclasses
 import ipaddress
 import logging
 import re
@@ -17,7 +19,23 @@ log = logging.getLogger(__name__)
 _HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?")
 
 
-def _host(host: str) -> str:
+DNS_PREFIX = "dns+"
+
+
+@dataclasses.dataclass(frozen=True)
+class DnsName:
+    """A `dns+NAME:PORT` entry: one backend `http://ADDRESS:PORT` per address of `name`."""
+
+    name: str
+    port: int
+
+    @property
+    def source(self) -> str:
+        """The entry as `/_backends` shows it for each backend it stands for."""
+        return f"{DNS_PREFIX}{self.name}:{self.port}"
+
+
+def url_host(host: str) -> str:
     """The host as it is written inside a URL, or ValueError."""
     try:
         address = ipaddress.ip_address(host)
@@ -38,10 +56,24 @@ def _port(split: urllib.parse.SplitResult) -> "int | None":
     return port
 
 
-def parse_entry(entry: str, default_port: int) -> str:
-    """The base URL an `ip.txt` entry stands for; ValueError says why it cannot be understood."""
+def _dns_name(entry: str, default_port: int) -> DnsName:
+    split = urllib.parse.urlsplit(f"//{entry}")
+    if split.path or split.query or split.fragment or split.username or not split.hostname:
+        raise ValueError("dns+ takes NAME:PORT only")
+    try:
+        ipaddress.ip_address(split.hostname)
+    except ValueError:
+        return DnsName(url_host(split.hostname), _port(split) or default_port)
+    raise ValueError("dns+ takes a host name, not an address")
+
+
+def parse_entry(entry: str, default_port: int) -> "str | DnsName":
+    """The base URL an `ip.txt` entry stands for, or the `DnsName` of a `dns+` entry;
+    ValueError says why it cannot be understood."""
     if any(c.isspace() for c in entry):
         raise ValueError("spaces inside the entry")
+    if entry[:len(DNS_PREFIX)].lower() == DNS_PREFIX:
+        return _dns_name(entry[len(DNS_PREFIX):], default_port)
     if "://" in entry:
         split = urllib.parse.urlsplit(entry)
         if split.scheme.lower() not in ("http", "https"):
@@ -64,20 +96,21 @@ def parse_entry(entry: str, default_port: int) -> str:
         scheme = "http"
     if not split.hostname:
         raise ValueError("no host")
-    host = _host(split.hostname)
+    host = url_host(split.hostname)
     netloc = host if port is None else f"{host}:{port}"
     return f"{scheme}://{netloc}{path}"
 
 
-def parse_backend_list(text: str, filename: str, default_port: int) -> "list[str]":
-    """The distinct base URLs of a backend list, in file order; bad lines are logged and skipped."""
-    urls = {}
+def parse_backend_list(text: str, filename: str, default_port: int) -> "list[str | DnsName]":
+    """The distinct entries of a backend list (base URLs and `DnsName`s), in file order; bad
+    lines are logged and skipped."""
+    parsed = {}
     for number, line in enumerate(text.splitlines(), start=1):
         entry = line.split("#", 1)[0].strip()
         if not entry:
             continue
         try:
-            urls.setdefault(parse_entry(entry, default_port), None)
+            parsed.setdefault(parse_entry(entry, default_port), None)
         except ValueError as exc:
             log.warning("%s:%d: skipping backend entry %r: %s", filename, number, entry, exc)
-    return list(urls)
+    return list(parsed)

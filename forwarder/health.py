@@ -1,4 +1,5 @@
-"""The health poller: every cycle, re-read the backend list and poll each backend's `/metrics`.
+"""The health poller: every cycle, re-read the backend list, resolve its `dns+` entries, and poll
+each backend's `/metrics`.
 
 One poller greenlet runs in each gunicorn worker (started from `post_fork`, see
 `gunicorn.conf.py`) and is the only writer of that worker's `Registry`. A backend is healthy when
@@ -13,7 +14,7 @@ import gevent
 import gevent.pool
 import requests
 
-from . import backend_list, upstream, vllm_metrics
+from . import backend_list, discovery, upstream, vllm_metrics
 from .registry import Backend, Registry
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ class Poller:
         self.session = session or upstream.make_session(pool_maxsize=MAX_CONCURRENT_POLLS)
         self.pool = gevent.pool.Pool(MAX_CONCURRENT_POLLS)
         self.list_text = None
+        self.entries = []
+        self.discovery = discovery.Discovery(settings)
+        self.expanded = None
 
     def run_forever(self) -> None:
         while True:
@@ -52,6 +56,11 @@ class Poller:
 
     def cycle(self) -> None:
         self.reload_list()
+        # `dns+` entries are resolved again every cycle, even when the file did not change.
+        expanded = self.discovery.expand(self.entries)
+        if expanded != self.expanded:
+            self.expanded = expanded
+            self.registry.set_list(*expanded)
         self.pool.map(self.check, self.registry.backends())
         self.registry.first_cycle_done = True
 
@@ -66,8 +75,7 @@ class Poller:
         if text == self.list_text:
             return  # unchanged: parsing again would only repeat the warnings of bad lines
         self.list_text = text
-        self.registry.set_list(
-            backend_list.parse_backend_list(text, self.list_file, self.default_port))
+        self.entries = backend_list.parse_backend_list(text, self.list_file, self.default_port)
 
     def check(self, backend: Backend) -> None:
         try:

@@ -14,11 +14,13 @@ from gevent.event import Event
 class Backend:
     """One vLLM server, known by its base URL, as last seen by this worker."""
 
-    __slots__ = ("url", "healthy", "num_requests_running", "num_requests_waiting",
+    __slots__ = ("url", "source", "healthy", "num_requests_running", "num_requests_waiting",
                  "last_checked_at", "last_error", "in_flight")
 
     def __init__(self, url: str):
         self.url = url
+        # The `dns+NAME:PORT` entry the backend was discovered through; None when listed itself.
+        self.source = None
         self.healthy = False
         self.num_requests_running = None
         self.num_requests_waiting = None
@@ -35,6 +37,7 @@ class Backend:
         """The backend as `/_backends` shows it."""
         return {
             "url": self.url,
+            "source": self.source,
             "healthy": self.healthy,
             "num_requests_running": self.num_requests_running,
             "num_requests_waiting": self.num_requests_waiting,
@@ -59,10 +62,14 @@ class Registry:
     def backends(self) -> "list[Backend]":
         return list(self._backends.values())
 
-    def set_list(self, urls: "list[str]") -> None:
+    def set_list(self, urls: "list[str]", sources: "dict[str, str] | None" = None) -> None:
         """Make the registry hold exactly `urls`: new ones start unhealthy until polled, removed
-        ones are dropped (requests already relayed through them keep their own reference)."""
+        ones are dropped (requests already relayed through them keep their own reference).
+        `sources` names the `dns+` entry of each URL that was discovered."""
+        sources = sources or {}
         self._backends = {url: self._backends.get(url) or Backend(url) for url in urls}
+        for url, backend in self._backends.items():
+            backend.source = sources.get(url)
         self._refresh_healthy()
 
     def record_poll(self, backend: Backend, healthy: bool, error: "str | None",

@@ -7,8 +7,10 @@ test keeps the two in step.
 """
 
 import dataclasses
+import ipaddress
 import math
 import os
+import urllib.parse
 from typing import Any, Callable, Optional
 
 
@@ -51,6 +53,22 @@ def _readable_file(value: str) -> str:
     return value
 
 
+def _dns_server(value: str) -> "Optional[tuple[str, int]]":
+    """`ADDRESS[:PORT]` of a DNS server as (address, port); empty means the system resolver."""
+    if not value:
+        return None
+    if value.count(":") > 1 and not value.startswith("["):
+        value = f"[{value}]"  # a bare IPv6 address: every colon is part of it
+    split = urllib.parse.urlsplit(f"//{value}")
+    try:
+        if split.path or split.query or split.fragment or split.username or split.port == 0:
+            raise ValueError
+        return ipaddress.ip_address(split.hostname or "").compressed, split.port or 53
+    except ValueError:
+        raise ValueError("must be an IP address with an optional port, "
+                         "like 10.96.0.10 or 127.0.0.1:5353 or [fd00::a]:53") from None
+
+
 def _model_name(value: str) -> Optional[str]:
     # Set but empty means unset: `FORCED_MODEL_NAME=` in a compose file should not force "".
     return value.strip() or None
@@ -87,6 +105,11 @@ SETTINGS = (
     Setting("NO_BACKEND_WAIT_SECONDS", "0", _seconds,
             "when no backend is healthy, how long a request waits for one to come back "
             "before `503`"),
+    Setting("DNS_SERVER", None, _dns_server,
+            "`ADDRESS[:PORT]` of the DNS server that resolves `dns+` entries; unset: the "
+            "system resolver (`/etc/resolv.conf`, `/etc/hosts`, search domains)"),
+    Setting("DNS_TIMEOUT_SECONDS", "5", _positive_seconds,
+            "longest wait for one `dns+` lookup; on failure that entry keeps its last addresses"),
 )
 
 Settings = dataclasses.make_dataclass(

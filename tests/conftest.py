@@ -3,22 +3,37 @@ teardown, whatever the test did. (No gevent here: the pytest process is never mo
 
 import pytest
 
-from tests.harness import FakeBackend, Forwarder, log_tail
+from tests.harness import FakeBackend, FakeDns, Forwarder, log_tail
 
 
 @pytest.fixture
 def fake_backend(tmp_path_factory):
-    """Factory: `fake_backend(name=None, config=None, port=None)` -> a started FakeBackend."""
+    """Factory: `fake_backend(name=None, config=None, port=None, host="127.0.0.1")` -> a started
+    FakeBackend."""
     started = []
 
-    def start(name=None, config=None, port=None):
-        backend = FakeBackend.start(name=name, port=port, config=config,
+    def start(name=None, config=None, port=None, host="127.0.0.1"):
+        backend = FakeBackend.start(name=name, port=port, config=config, host=host,
                                     log_dir=tmp_path_factory.mktemp("fake_vllm"))
         started.append(backend)
         return backend
 
     yield start
     _stop_all(started, "fake vllm")
+
+
+@pytest.fixture
+def fake_dns(tmp_path_factory):
+    """Factory: `fake_dns(records=None)` -> a started FakeDns on 127.0.0.1."""
+    started = []
+
+    def start(records=None):
+        server = FakeDns.start(records, log_dir=tmp_path_factory.mktemp("fake_dns"))
+        started.append(server)
+        return server
+
+    yield start
+    _stop_all(started, "fake dns")
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from pathlib import Path
 import requests
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-LISTENING = re.compile(r"fake vllm listening on http://127\.0\.0\.1:(\d+)")
+LISTENING = re.compile(r"fake vllm listening on http://\S+:(\d+)")
 
 
 def _request(method, url, **kwargs):
@@ -95,8 +95,9 @@ def log_tail(path, lines=40):
 class FakeBackend:
     """A `python -m tests.fake_vllm` subprocess and its control API."""
 
-    def __init__(self, name, config, log_dir):
+    def __init__(self, name, config, log_dir, host="127.0.0.1"):
         self.name = name
+        self.host = host
         self.start_config = config or {}
         self.log_dir = log_dir
         self.log_path = log_dir / "fake_vllm.log"
@@ -104,14 +105,16 @@ class FakeBackend:
         self.proc = None
 
     @classmethod
-    def start(cls, name=None, port=None, config=None, log_dir=None) -> "FakeBackend":
-        """Start a fake; `port=None` lets it pick a free one. Waits until it answers (10 s)."""
-        backend = cls(name, config, _log_dir(log_dir, "fake-vllm-"))
+    def start(cls, name=None, port=None, config=None, log_dir=None,
+              host="127.0.0.1") -> "FakeBackend":
+        """Start a fake on loopback address `host` (`127.0.0.2`, `::1` …); `port=None` lets it
+        pick a free one. Waits until it answers (10 s)."""
+        backend = cls(name, config, _log_dir(log_dir, "fake-vllm-"), host)
         backend._launch(port or 0)
         return backend
 
     def _launch(self, port):
-        command = [sys.executable, "-m", "tests.fake_vllm", "--host", "127.0.0.1",
+        command = [sys.executable, "-m", "tests.fake_vllm", "--host", self.host,
                    "--port", str(port)]
         if self.name:
             command += ["--name", self.name]
@@ -132,7 +135,7 @@ class FakeBackend:
         wait_until(ready, timeout=10, message=lambda: (
             f"fake vllm not answering on port {self.port or port} within 10 s:\n"
             f"{log_tail(self.log_path)}"))
-        self.name = self.name or f"127.0.0.1:{self.port}"
+        self.name = self.name or f"{self.host}:{self.port}"
 
     def _answers(self):
         try:
@@ -142,7 +145,8 @@ class FakeBackend:
 
     @property
     def url(self):
-        return f"http://127.0.0.1:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     @property
     def pid(self):
@@ -192,6 +196,60 @@ class FakeBackend:
         self.stop()
         self._launch(self.port)
         return self
+
+
+class FakeDns:
+    """A `python -m tests.fake_dns` subprocess on 127.0.0.1 and the zone file it answers from."""
+
+    def __init__(self, log_dir):
+        self.zone_path = log_dir / "zone.json"
+        self.log_path = log_dir / "fake_dns.log"
+        self.port = None
+        self.proc = None
+
+    @classmethod
+    def start(cls, records=None, log_dir=None) -> "FakeDns":
+        """Start it answering `records` (name -> {"A": [...], "AAAA": [...]}); waits (10 s)
+        until it is listening."""
+        fake = cls(_log_dir(log_dir, "fake-dns-"))
+        fake.set_zone(records or {})
+        fake.proc = _spawn([sys.executable, "-m", "tests.fake_dns", "--zone", str(fake.zone_path)],
+                           fake.log_path)
+
+        def listening():
+            if fake.proc.poll() is not None:
+                raise AssertionError(f"fake dns exited with {fake.proc.returncode}:\n"
+                                     f"{log_tail(fake.log_path)}")
+            found = re.findall(r"fake dns listening on 127\.0\.0\.1:(\d+)", fake.log())
+            return int(found[-1]) if found else None
+
+        fake.port = wait_until(listening, timeout=10, message="fake dns not listening in 10 s")
+        return fake
+
+    def set_zone(self, records, mode="answer"):
+        """Answer from now on with `records`; `mode` "servfail" or "hang" fails every question."""
+        staging = self.zone_path.with_suffix(".tmp")
+        staging.write_text(json.dumps({"mode": mode, "records": records}))
+        os.replace(staging, self.zone_path)  # the server never reads a half-written zone
+
+    @property
+    def address(self):
+        """The `DNS_SERVER` setting that points at it."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def questions(self):
+        """Every question received so far, as (name, type, mode) tuples."""
+        return re.findall(r"^question (\S+) (\S+) (\S+)$", self.log(), re.MULTILINE)
+
+    def stop(self):
+        return _stop(self.proc, 3)
 
 
 class Forwarder:

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from forwarder.backend_list import parse_backend_list, parse_entry
+from forwarder.backend_list import DnsName, parse_backend_list, parse_entry
 
 
 @pytest.mark.parametrize("entry, url", [
@@ -53,3 +53,29 @@ def test_file_with_comments_duplicates_and_bad_lines(caplog):
     assert any(m.startswith("fleet.txt:6:") and "10.0.0.13:99999" in m for m in messages)
     assert any(m.startswith("fleet.txt:7:") for m in messages)
     assert len(messages) == 2
+
+
+@pytest.mark.parametrize("entry, name", [
+    ("dns+vllm.llm.svc.cluster.local:8000", DnsName("vllm.llm.svc.cluster.local", 8000)),
+    ("DNS+VLLM:8000", DnsName("vllm", 8000)),
+    ("dns+vllm", DnsName("vllm", 8101)),
+    ("dns+vllm.example.:9001", DnsName("vllm.example.", 9001)),
+])
+def test_dns_entries(entry, name):
+    assert parse_entry(entry, 8101) == name
+    assert name.source == f"dns+{name.name}:{name.port}"
+
+
+@pytest.mark.parametrize("entry", [
+    "dns+", "dns+:8000", "dns+vllm:0", "dns+vllm:x", "dns+10.0.0.1:8000", "dns+[fd00::5]:8000",
+    "dns+http://vllm:8000", "dns+vllm:8000/v1", "dns+bad_host!:8000",
+])
+def test_bad_dns_entries_raise_value_error(entry):
+    with pytest.raises(ValueError):
+        parse_entry(entry, 8101)
+
+
+def test_dns_entries_keep_their_place_among_urls_and_duplicates_collapse():
+    text = "10.0.0.11\ndns+vllm:8000\nDNS+vllm:8000\n10.0.0.12\n"
+    assert parse_backend_list(text, "ip.txt", 8101) == [
+        "http://10.0.0.11:8101", DnsName("vllm", 8000), "http://10.0.0.12:8101"]

@@ -23,6 +23,8 @@ def test_defaults(ip_file):
     assert loaded.health_timeout_seconds == 5
     assert loaded.connect_timeout_seconds == 5
     assert loaded.read_timeout_seconds == 600
+    assert loaded.dns_server is None
+    assert loaded.dns_timeout_seconds == 5
 
 
 @pytest.mark.parametrize("name, value", [
@@ -34,6 +36,10 @@ def test_defaults(ip_file):
     ("BACKEND_DEFAULT_PORT", "80.5"),
     ("READ_TIMEOUT_SECONDS", "inf"),
     ("IP_LIST_FILE", "/nonexistent/ip.txt"),
+    ("DNS_SERVER", "kube-dns"),
+    ("DNS_SERVER", "10.96.0.10:0"),
+    ("DNS_SERVER", "10.96.0.10:53/udp"),
+    ("DNS_TIMEOUT_SECONDS", "0"),
 ])
 def test_bad_values_name_the_setting_in_one_line(ip_file, name, value):
     env = {"IP_LIST_FILE": ip_file, name: value}
@@ -42,6 +48,14 @@ def test_bad_values_name_the_setting_in_one_line(ip_file, name, value):
     message = str(info.value)
     assert message.startswith(f"{name}={value!r}")
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("value, server", [
+    ("", None), ("10.96.0.10", ("10.96.0.10", 53)), ("127.0.0.1:5353", ("127.0.0.1", 5353)),
+    ("fd00::a", ("fd00::a", 53)), ("[fd00::a]:5353", ("fd00::a", 5353)),
+])
+def test_dns_server(ip_file, value, server):
+    assert settings.load({"IP_LIST_FILE": ip_file, "DNS_SERVER": value}).dns_server == server
 
 
 def test_fractional_interval(ip_file):
