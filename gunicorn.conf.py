@@ -61,15 +61,11 @@ keepalive = 75
 max_requests = 0
 # gunicorn >= 25 opens a control socket at a fixed per-user path; two instances would clobber it.
 control_socket_disable = True
-# One line per request, written once its response has ended (so duration and bytes are final);
-# `--access-logfile` / `--access-logformat` override these. The `forwarder.*` environ entries
-# are set by forwarder/request_id.py and forwarder/telemetry.py; `-` where one does not apply.
+# One access log line per request, written once its response has ended, with its request id,
+# backend, duration and time to first byte (forwarder/access_log.py); `--access-logfile` and
+# `--access-logformat` override as usual.
 accesslog = "-"
-access_log_format = (
-    "%(t)s request_id=%({forwarder.request_id}e)s method=%(m)s path=%({raw_uri}e)s "
-    "status=%(s)s backend=%({forwarder.backend}e)s duration=%(L)s ttfb=%({forwarder.ttfb}e)s "
-    "bytes=%(b)s client=%(h)s pid=%(p)s"
-)
+logger_class = "forwarder.access_log.AccessLogger"
 
 
 def post_fork(server, worker):

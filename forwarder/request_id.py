@@ -1,14 +1,15 @@
 """The request id (`X-Request-Id`): kept when the client sends a usable one, made up otherwise.
 
 It goes to the backend (vLLM uses it as its own request id, so its logs name the same request),
-back to the client on every response, and into the access log line (`gunicorn.conf.py`).
+back to the client on every response, and into the access log line (`access_log.py`).
 """
 
 import os
 import re
 
+from .access_log import REQUEST_ID_KEY as ENVIRON_KEY
+
 HEADER = "X-Request-Id"
-ENVIRON_KEY = "forwarder.request_id"
 MAX_LENGTH = 128
 
 # Visible ASCII without `"` and `\`: the id is written unquoted into log lines and headers, so a

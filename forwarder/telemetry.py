@@ -20,6 +20,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from .access_log import BACKEND_KEY, TTFB_KEY
+
 # The `/v1/` paths of vLLM and the OpenAI API; a longer path whose start is one of these (an id
 # after it: `models/llama-3`, `responses/resp_1/cancel`) counts as that endpoint, anything else
 # as `other`, so the label never takes a client-chosen value.
@@ -34,9 +36,6 @@ OTHER_ENDPOINT = "other"
 # request is counted under the last backend it was sent to, whether that one answered or not.
 NO_BACKEND = "none"
 
-# What the access log line (`gunicorn.conf.py`'s `access_log_format`) reads from the environ.
-BACKEND_ENVIRON_KEY = "forwarder.backend"
-TTFB_ENVIRON_KEY = "forwarder.ttfb"
 
 # An answer can take from milliseconds (a cached embedding) to READ_TIMEOUT_SECONDS (600 s).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300,
@@ -107,7 +106,8 @@ def _ttfb_series_for(key):
 
 
 class Exchange:
-    """One `/v1` request as the metrics and the access log see it, counted when it ends."""
+    """One `/v1` request as the metrics and the access log (`access_log.py`) see it, counted
+    when it ends."""
 
     __slots__ = ("_environ", "_endpoint", "_started", "_backend", "_first_byte", "_response")
 
@@ -121,12 +121,12 @@ class Exchange:
 
     def sending_to(self, backend_url: str) -> None:
         """The request is being sent to this backend."""
-        self._backend = self._environ[BACKEND_ENVIRON_KEY] = backend_url
+        self._backend = self._environ[BACKEND_KEY] = backend_url
 
     def first_byte(self) -> None:
         """The first byte of the backend's response body is ready to go to the client."""
         self._first_byte = elapsed = time.perf_counter() - self._started
-        self._environ[TTFB_ENVIRON_KEY] = "%.6f" % elapsed
+        self._environ[TTFB_KEY] = "%.6f" % elapsed
 
     def finished(self, response: Response) -> Response:
         """`response` is the answer; it is counted once the server has closed it."""
