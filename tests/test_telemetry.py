@@ -128,7 +128,9 @@ def test_settings_import_leaves_prometheus_client_unimported():
 
 def test_metrics_add_up_over_workers_and_survive_a_worker_crash(fake_backend, forwarder):
     backend = fake_backend()
-    fwd = forwarder([backend.url], workers=2, wait_healthy=1)
+    # Until a worker's first poll it knows no healthy backend: requests wait for it, not 503.
+    fwd = forwarder([backend.url], workers=2, env={"NO_BACKEND_WAIT_SECONDS": "10"},
+                    wait_healthy=1)
     labels = dict(backend=backend.url, endpoint="models", status="200")
 
     # Fresh connections until both workers have served /v1 requests.
@@ -144,7 +146,7 @@ def test_metrics_add_up_over_workers_and_survive_a_worker_crash(fake_backend, fo
     wait_until(both_workers_served, timeout=15, message="one worker served every request")
 
     # A stream whose first byte comes at once and whose end comes later: TTFB is the first byte.
-    backend.configure(tokens=3, token_delay=0.3)
+    backend.configure(tokens=3, token_delay=0.5)
     body = {"model": "llama", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     with requests.post(fwd.url + "/v1/chat/completions", json=body, timeout=10) as response:
         assert response.content.endswith(b"data: [DONE]\n\n")
@@ -156,22 +158,23 @@ def test_metrics_add_up_over_workers_and_survive_a_worker_crash(fake_backend, fo
         assert value(samples, "forwarder_request_duration_seconds_count",
                      backend=backend.url, endpoint="models") == sent
         assert value(samples, "forwarder_requests_total", status="200", **chat) == 1
-        assert value(samples, "forwarder_time_to_first_byte_seconds_bucket", le="0.25",
+        assert value(samples, "forwarder_time_to_first_byte_seconds_bucket", le="1.0",
                      **chat) == 1
-        assert value(samples, "forwarder_request_duration_seconds_bucket", le="0.5",
+        assert value(samples, "forwarder_request_duration_seconds_bucket", le="1.0",
                      **chat) == 0
-        assert value(samples, "forwarder_request_duration_seconds_bucket", le="2.5",
+        assert value(samples, "forwarder_request_duration_seconds_bucket", le="5.0",
                      **chat) == 1
-        assert value(samples, "forwarder_request_duration_seconds_sum", **chat) >= 0.9
+        assert value(samples, "forwarder_request_duration_seconds_sum", **chat) >= 1.5
         assert value(samples, "forwarder_requests_in_flight", backend=backend.url) == 0
-        assert value(samples, "forwarder_backend_healthy", backend=backend.url) == 1
         return samples
 
     # Every scrape, whichever worker answers it, shows the same totals.
     scrapes = []
 
     def both_workers_scraped():
-        scrapes.append(requests_counted(expected(scrape(fwd))))
+        samples = expected(scrape(fwd))
+        assert value(samples, "forwarder_backend_healthy", backend=backend.url) == 1
+        scrapes.append(requests_counted(samples))
         pids = {line["pid"] for line in access_lines(fwd) if line["path"] == "/metrics"}
         return len(pids) == 2
 
@@ -186,7 +189,7 @@ def test_metrics_add_up_over_workers_and_survive_a_worker_crash(fake_backend, fo
         chunks = stalled.iter_content(None)  # kept: dropping it would close the connection
         next(chunks)
         wait_until(lambda: value(scrape(fwd), "forwarder_requests_in_flight",
-                                 backend=backend.url) == 1)
+                                 backend=backend.url) == 1, timeout=10)
         old = worker_pids(fwd.pid)
         assert len(old) == 2
         for pid in old:
@@ -194,7 +197,6 @@ def test_metrics_add_up_over_workers_and_survive_a_worker_crash(fake_backend, fo
         wait_until(lambda: len(worker_pids(fwd.pid) - old) == 2, timeout=15,
                    message=lambda: f"workers not restarted:\n{fwd.log()[-2000:]}")
     backend.configure(stall_after=None)
-    wait_until(lambda: fwd.backends()["healthy"] == 1, timeout=10)
     samples = expected(scrape(fwd))
     assert requests_counted(samples) == scrapes[0]
     assert get(fwd.url + "/v1/models").status_code == 200
@@ -241,30 +243,6 @@ def test_retries_health_and_errors_by_backend(fake_backend, forwarder):
     assert sum(v for (b, e, s), v in by.items() if e == "other") == 1
     assert sum(v for (b, e, s), v in by.items() if e == "models") == sent + 4
     assert {e for (b, e, s) in by} == {"models", "other"}
-
-
-def test_client_disconnects_are_counted(fake_backend, forwarder):
-    backend = fake_backend(config={"tokens": 50, "token_delay": 0.2})
-    fwd = forwarder([backend.url], wait_healthy=1)
-    body = {"model": "llama", "stream": True, "prompt": "x"}
-    # Gone in the middle of a stream.
-    with requests.post(fwd.url + "/v1/completions", json=body, stream=True,
-                       timeout=10) as response:
-        next(response.iter_content(None))
-    wait_until(lambda: value(scrape(fwd), "forwarder_client_disconnects_total") == 1)
-    # Gone before the backend answered anything: counted as nginx's 499.
-    backend.configure(first_byte_delay=30)
-    with socket.create_connection(("127.0.0.1", fwd.port)) as sock:
-        payload = json.dumps(body).encode()
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
-        wait_until(lambda: len(backend.requests()) == 2)
-    wait_until(lambda: value(scrape(fwd), "forwarder_client_disconnects_total") == 2)
-    samples = scrape(fwd)
-    assert value(samples, "forwarder_requests_total", backend=backend.url,
-                 endpoint="completions", status="499") == 1
-    assert value(samples, "forwarder_requests_in_flight", backend=backend.url) == 0
 
 
 @pytest.fixture(scope="module")
@@ -324,6 +302,38 @@ def test_one_access_log_line_per_request(served):
     (line,) = wait_until(lambda: lines_for("log-line-2"))
     assert (line["method"], line["path"], line["status"]) == ("GET", "/v2/nothing", "404")
     assert line["backend"] == line["ttfb"] == "-"
+
+
+def test_client_disconnects_are_counted(served):
+    backend, fwd = served
+    backend.reset()
+    backend.configure(tokens=50, token_delay=0.2)
+    before = scrape(fwd)
+    disconnects = value(before, "forwarder_client_disconnects_total")
+    body = {"model": "llama", "stream": True, "prompt": "x"}
+    try:
+        # Gone in the middle of a stream.
+        with requests.post(fwd.url + "/v1/completions", json=body, stream=True,
+                           timeout=10) as response:
+            next(response.iter_content(None))
+        wait_until(lambda: value(scrape(fwd), "forwarder_client_disconnects_total")
+                   == disconnects + 1)
+        # Gone before the backend answered anything: counted as nginx's 499.
+        backend.configure(first_byte_delay=30)
+        with socket.create_connection(("127.0.0.1", fwd.port)) as sock:
+            payload = json.dumps(body).encode()
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+            wait_until(lambda: len(backend.requests()) == 2)
+        wait_until(lambda: value(scrape(fwd), "forwarder_client_disconnects_total")
+                   == disconnects + 2)
+    finally:
+        backend.reset()
+    samples = scrape(fwd)
+    assert value(samples, "forwarder_requests_total", backend=backend.url,
+                 endpoint="completions", status="499") == 1
+    assert value(samples, "forwarder_requests_in_flight", backend=backend.url) == 0
 
 
 def _queries(node):
@@ -395,3 +405,17 @@ def test_an_operators_access_log_format_is_honoured(tmp_path):
                       "status": "201", "backend": "http://b:1", "duration": "1.000005",
                       "ttfb": "-", "bytes": "12", "client": "10.0.0.2", "pid": str(os.getpid())}
     assert operator == '201 "GET /v1/models?x=1 HTTP/1.1" http://b:1 12'
+
+
+def test_readme_lists_every_metric_and_endpoint(served):
+    backend, fwd = served
+    assert get(fwd.url + "/v1/models").status_code == 200
+    response = get(fwd.url + "/metrics")
+    families = {f.name for f in text_string_to_metric_families(response.text)}
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("## Telemetry", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `(forwarder_\w+)` \|", section, re.M))
+    # The parser names counter families without `_total`.
+    assert {name.removesuffix("_total") for name in listed} == families
+    for endpoint in telemetry.ENDPOINTS | {telemetry.OTHER_ENDPOINT}:
+        assert f"`{endpoint}`" in section
