@@ -5,8 +5,31 @@ is set here. The forwarder's settings are environment variables (`forwarder/sett
 are validated here, in the master, so a bad one stops start-up before any worker is forked.
 """
 
+import glob
 import os
+import shutil
 import sys
+import tempfile
+
+# prometheus-client's multiprocess mode, so that /metrics adds up every worker's figures. The
+# variable must be set before prometheus_client is first imported in any process, so here, first
+# thing in the master: workers inherit it. An operator's own directory is kept but emptied of the
+# last run's files; otherwise a fresh one is made, and removed at exit (`on_exit`). A reload
+# (SIGHUP) runs this file again in the same master and keeps its directory and figures; a new
+# master from a binary upgrade (SIGUSR2) inherits the variable but gets a directory of its own.
+_metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+_metrics_owner = os.environ.get("VLLM_FORWARDER_METRICS_MASTER")
+_own_metrics_dir = _metrics_owner is not None or not _metrics_dir
+if _metrics_owner == str(os.getpid()):
+    pass
+elif _own_metrics_dir:
+    _metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
+        prefix="vllm-forwarder-metrics-")
+    os.environ["VLLM_FORWARDER_METRICS_MASTER"] = str(os.getpid())
+else:
+    os.makedirs(_metrics_dir, exist_ok=True)
+    for _stale in glob.glob(os.path.join(_metrics_dir, "*.db")):
+        os.remove(_stale)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,6 +39,8 @@ try:
     _settings.load()
 except _settings.SettingError as _exc:
     print(f"vllm-forwarder: bad setting {_exc}", file=sys.stderr)
+    if _own_metrics_dir:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)
     sys.exit(2)
 
 bind = "0.0.0.0:9000"
@@ -36,6 +61,11 @@ keepalive = 75
 max_requests = 0
 # gunicorn >= 25 opens a control socket at a fixed per-user path; two instances would clobber it.
 control_socket_disable = True
+# One access log line per request, written once its response has ended, with its request id,
+# backend, duration and time to first byte (forwarder/access_log.py); `--access-logfile` and
+# `--access-logformat` override as usual.
+accesslog = "-"
+logger_class = "forwarder.access_log.AccessLogger"
 
 
 def post_fork(server, worker):
@@ -50,3 +80,16 @@ def _run_worker_services(worker_connections):
     from forwarder import worker
 
     worker.run(worker_connections)
+
+
+def child_exit(server, worker):
+    # A dead worker's in-flight requests are over: drop its live gauges from /metrics. Its
+    # counters and histograms stay, so the totals survive a worker restart.
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _own_metrics_dir:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)

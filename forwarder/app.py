@@ -4,9 +4,12 @@ from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Rule
 
+from . import telemetry
 from .errors import error_response
 from .proxy import Proxy
 from .registry import REGISTRY, Registry
+from .request_id import RequestIdMiddleware
+from .status_page import status_page
 
 
 def create_app(settings, registry: Registry = REGISTRY) -> Flask:
@@ -32,8 +35,12 @@ def create_app(settings, registry: Registry = REGISTRY) -> Flask:
             return jsonify(status="starting", **figures), 503
         return jsonify(status="ok", **figures)
 
+    app.add_url_rule("/metrics", "metrics", telemetry.Scrape(registry).response)
+    app.add_url_rule("/_status", "status", status_page)
+
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         return error_response(exc.code or 500, exc.description or exc.name)
 
+    app.wsgi_app = RequestIdMiddleware(app.wsgi_app)
     return app

@@ -15,7 +15,7 @@ import urllib.parse
 
 from flask import Response, request
 
-from . import relay, upstream
+from . import relay, request_id, telemetry, upstream
 from .client_watch import ClientGone, ClientWatch
 from .errors import error_response
 from .registry import Registry
@@ -96,27 +96,33 @@ class Proxy:
 
     def __call__(self, subpath: str = "") -> Response:
         environ = request.environ
+        exchange = telemetry.Exchange(environ, subpath)
         target = upstream_target(environ.get("RAW_URI") or request.full_path)
         if target is None:
-            return error_response(400, "The request path must stay under /v1/.")
+            return exchange.finished(
+                error_response(400, "The request path must stay under /v1/."))
         client_socket = environ.get("gunicorn.socket")
         watch = ClientWatch(client_socket) if client_socket is not None else None
         body = self.request_body(environ, watch.start if watch else _nothing)
         if not isinstance(body, _BodyStream) and watch:
             watch.start()
         headers = relay.request_headers(request.headers)
+        headers[request_id.HEADER] = environ[request_id.ENVIRON_KEY]
         try:
-            backend, response = self.send(request.method, target, headers, body, watch)
+            backend, response = self.send(request.method, target, headers, body, watch, exchange)
         except ClientGone:
             watch.stop()
-            return Response(status=499)  # nginx's "client closed request", for the access log
+            telemetry.client_disconnected()
+            # nginx's "client closed request", for the access log
+            return exchange.finished(Response(status=499))
         except _Failed as failed:
             if watch:
                 watch.stop()
-            return failed.response
+            return exchange.finished(failed.response)
 
         sse = response.headers.get("content-type", "").startswith("text/event-stream")
-        relayed = RelayedResponse(relay.relay_body(response, backend.url, sse, watch),
+        relayed = RelayedResponse(relay.relay_body(response, backend.url, sse, watch,
+                                                   exchange.first_byte),
                                   status=response.status_code,
                                   headers=relay.response_headers(response.raw.headers))
         # For HEAD, 204 and 304 Werkzeug never starts the generator, so its `finally` never runs.
@@ -124,7 +130,7 @@ class Proxy:
         relayed.call_on_close(backend.release)
         if watch:
             relayed.call_on_close(watch.stop)
-        return relayed
+        return exchange.finished(relayed)
 
     def request_body(self, environ, on_end):
         """The body to send: streamed from the client when it is large, its length is known and it
@@ -138,7 +144,7 @@ class Proxy:
             body = force_model(body, self.forced_model)
         return body or None
 
-    def send(self, method, target, headers, body, watch):
+    def send(self, method, target, headers, body, watch, exchange):
         """Send to a healthy backend, trying others while connections cannot be opened and waiting
         up to NO_BACKEND_WAIT_SECONDS for one to come back; `_Failed` carries the error answer."""
         deadline = time.monotonic() + self.no_backend_wait
@@ -156,7 +162,10 @@ class Proxy:
                 if tried:
                     raise _Failed(502, "No backend could be reached.")
                 raise _Failed(503, "No healthy backend is available.")
-            backend.in_flight += 1
+            if tried:
+                telemetry.retried()
+            exchange.sending_to(backend.url)
+            backend.acquire()
             sent = False
             try:
                 with watch or contextlib.nullcontext():
@@ -171,6 +180,7 @@ class Proxy:
                     if stale_retried or isinstance(body, _BodyStream):
                         raise _Failed(502, "The backend closed the connection without answering.")
                     stale_retried = True
+                    telemetry.retried()
                     continue
                 self.registry.mark_unreachable(backend, str(exc))
                 tried.append(backend)

@@ -10,12 +10,14 @@ import time
 
 from gevent.event import Event
 
+from . import telemetry
+
 
 class Backend:
     """One vLLM server, known by its base URL, as last seen by this worker."""
 
     __slots__ = ("url", "source", "healthy", "num_requests_running", "num_requests_waiting",
-                 "last_checked_at", "last_error", "in_flight")
+                 "last_checked_at", "last_error", "in_flight", "_in_flight_gauge")
 
     def __init__(self, url: str):
         self.url = url
@@ -28,10 +30,18 @@ class Backend:
         self.last_error = None
         # Requests this worker has sent to the backend and not finished relaying: never stale.
         self.in_flight = 0
+        # The same count summed over every worker, for /metrics.
+        self._in_flight_gauge = telemetry.in_flight_gauge(url)
+
+    def acquire(self) -> None:
+        """One request is being sent to this backend."""
+        self.in_flight += 1
+        self._in_flight_gauge.inc()
 
     def release(self) -> None:
         """One request relayed through this backend has finished."""
         self.in_flight -= 1
+        self._in_flight_gauge.dec()
 
     def status(self) -> dict:
         """The backend as `/_backends` shows it."""

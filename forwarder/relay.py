@@ -14,6 +14,7 @@ import logging
 from urllib3.exceptions import HTTPError as Urllib3Error
 from werkzeug.http import parse_list_header
 
+from . import telemetry
 from .client_watch import ClientGone, ClientWatch
 
 log = logging.getLogger(__name__)
@@ -24,10 +25,12 @@ HOP_BY_HOP = frozenset((
     "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
 ))
 # `Host` names the backend, not the forwarder; requests sets `Content-Length` from the body it
-# sends; gunicorn answers `Expect: 100-continue` itself.
-_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
-# gunicorn always writes its own `Server` and `Date`; passing the backend's would repeat them.
-_NOT_RETURNED = HOP_BY_HOP | {"server", "date"}
+# sends; gunicorn answers `Expect: 100-continue` itself; the forwarder sends its own checked
+# `X-Request-Id` (`request_id.py`).
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", "x-request-id"}
+# gunicorn always writes its own `Server` and `Date`, and the forwarder its `X-Request-Id` (vLLM
+# echoes it with --enable-request-id-headers): passing the backend's would repeat them.
+_NOT_RETURNED = HOP_BY_HOP | {"server", "date", "x-request-id"}
 
 # One read takes whatever has arrived, up to this much.
 READ_SIZE = 65536
@@ -58,20 +61,28 @@ def sse_error_event(message: str, code: int) -> bytes:
     return b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n"
 
 
-def relay_body(response, backend_url: str, sse: bool, watch: "ClientWatch | None"):
-    """Yield the backend's body as it arrives; close the backend connection however it ends
-    (when the client leaves, that close is what makes vLLM abort the generation)."""
+def relay_body(response, backend_url: str, sse: bool, watch: "ClientWatch | None",
+               on_first_byte):
+    """Yield the backend's body as it arrives, calling `on_first_byte()` once the first read
+    returns; close the backend connection however it ends (when the client leaves, that close is
+    what makes vLLM abort the generation)."""
     read = response.raw.read1
     waiting = watch or contextlib.nullcontext()
     try:
-        while True:
+        with waiting:
+            chunk = read(READ_SIZE)
+        on_first_byte()
+        while chunk:
+            yield chunk
             with waiting:
                 chunk = read(READ_SIZE)
-            if not chunk:
-                return
-            yield chunk
     except ClientGone:
+        telemetry.client_disconnected()
         return
+    except GeneratorExit:
+        # Closed at a `yield` before the end: gunicorn's write to the client failed.
+        telemetry.client_disconnected()
+        raise
     except (Urllib3Error, OSError) as exc:
         timed_out = "timed out" in str(exc).lower()
         message = (f"backend {backend_url} went silent past READ_TIMEOUT_SECONDS"

@@ -63,6 +63,9 @@ DEFAULTS = {
     "die_mid_body": False,  # a non-streamed body: half of it is sent, then the process exits
     "gzip": False,  # non-streamed bodies are gzip-compressed for clients that accept it
     "set_cookies": [],  # each becomes its own Set-Cookie header on /v1 responses
+    # vLLM's --enable-request-id-headers: /v1 responses carry X-Request-Id, the request's own or
+    # a new one
+    "request_id_header": False,
 }
 
 METRICS_FILES = {
@@ -287,6 +290,9 @@ class App:
         exchange = Exchange(self.state, environ, body)
         headers = [("X-Fake-Backend", self.state.name)]
         headers += [("Set-Cookie", cookie) for cookie in config["set_cookies"]]
+        if config["request_id_header"]:
+            request_id = environ.get("HTTP_X_REQUEST_ID") or os.urandom(16).hex()
+            headers.append(("X-Request-Id", request_id))
 
         def send(status, chunks, content_type="application/json", extra=()):
             response_headers = [("Content-Type", content_type), *headers, *extra]

@@ -1,0 +1,54 @@
+"""The access log: one line per request, written by gunicorn once the response has ended.
+
+    [27/Nov/2026:15:19:19 +0000] request_id=4ee66f6d… method=POST path=/v1/chat/completions
+    status=200 backend=http://10.0.0.11:8101 duration=1.804113 ttfb=0.051270 bytes=1661
+    client=10.0.0.2 pid=24611
+
+(one line). `AccessLogger` is gunicorn's own logger (`logger_class` in `gunicorn.conf.py`), so
+`--access-logfile`, syslog, log configs and reopening on `SIGUSR1` work as usual, and it logs
+every request, with the bytes gunicorn really wrote. Only the line is built directly from what
+is needed: gunicorn's generic `access_log_format` machinery copies every header and environ
+entry for each request, which costs ~100 µs of CPU against ~20 µs for this. An operator's own
+`--access-logformat` is still honoured, through gunicorn's generic path.
+
+The app leaves what gunicorn cannot know in the WSGI environ under the keys below; a field that
+does not apply to a request (no backend, no body relayed) is `-`.
+"""
+
+import os
+import time
+
+from gunicorn.glogging import Logger
+
+REQUEST_ID_KEY = "forwarder.request_id"
+BACKEND_KEY = "forwarder.backend"
+TTFB_KEY = "forwarder.ttfb"
+
+LINE = ("%s request_id=%s method=%s path=%s status=%s backend=%s duration=%.6f ttfb=%s "
+        "bytes=%s client=%s pid=%d")
+
+
+class AccessLogger(Logger):
+    """gunicorn's logger, writing the forwarder's access line."""
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        setting = cfg.settings["access_log_format"]
+        self._operator_format = setting.value != setting.default
+
+    def access(self, resp, req, environ, request_time):
+        if not self.access_log_enabled:
+            return
+        if self._operator_format:
+            super().access(resp, req, environ, request_time)
+            return
+        status = resp.status
+        if isinstance(status, str):
+            status = status.split(None, 1)[0]
+        sent = resp.sent
+        self.access_log.info(
+            LINE, time.strftime("[%d/%b/%Y:%H:%M:%S %z]"), environ.get(REQUEST_ID_KEY, "-"),
+            environ["REQUEST_METHOD"], environ["RAW_URI"], status,
+            environ.get(BACKEND_KEY, "-"), request_time.total_seconds(),
+            environ.get(TTFB_KEY, "-"), "-" if sent is None else sent,
+            environ.get("REMOTE_ADDR", "-"), os.getpid())

@@ -1,0 +1,206 @@
+"""The forwarder's own Prometheus metrics: every `forwarder_*` series is declared and written here.
+
+Under gunicorn the workers share their figures through prometheus-client's multiprocess mode
+(`gunicorn.conf.py` sets `PROMETHEUS_MULTIPROC_DIR` before anything imports prometheus_client),
+so `GET /metrics` shows the same totals whichever worker answers. Without that variable (a unit
+test, a plain WSGI server) the figures stay in this process.
+
+The request path pays for a few counter and histogram writes at the end of each `/v1` request
+(`Exchange`); every label value comes from a fixed set (`endpoint`), the backend list (`backend`)
+or the HTTP status. The backends' health and load are not written at all: each worker's poller
+already holds them in its `Registry`, and `FleetCollector` reads them there when scraped.
+"""
+
+import os
+import time
+
+from flask import Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from .access_log import BACKEND_KEY, TTFB_KEY
+
+# The `/v1/` paths of vLLM and the OpenAI API; a longer path whose start is one of these (an id
+# after it: `models/llama-3`, `responses/resp_1/cancel`) counts as that endpoint, anything else
+# as `other`, so the label never takes a client-chosen value.
+ENDPOINTS = frozenset((
+    "chat/completions", "completions", "embeddings", "models", "responses", "messages",
+    "audio/transcriptions", "audio/translations", "audio/speech", "images/generations",
+    "moderations", "rerank", "score", "classify", "pooling", "tokenize", "detokenize",
+    "files", "batches", "load_lora_adapter", "unload_lora_adapter",
+))
+OTHER_ENDPOINT = "other"
+# The `backend` label of a request never sent to a backend (a 503, a path outside /v1/). Any other
+# request is counted under the last backend it was sent to, whether that one answered or not.
+NO_BACKEND = "none"
+
+
+# An answer can take from milliseconds (a cached embedding) to READ_TIMEOUT_SECONDS (600 s).
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300,
+                    600, float("inf"))
+# The first byte of a stream is the first token: prefill of a long prompt under load.
+TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
+                float("inf"))
+
+_LOCAL = CollectorRegistry()
+
+REQUESTS = Counter(
+    "forwarder_requests_total",
+    "Requests to /v1/ answered, by the backend that answered (none: the forwarder itself), "
+    "endpoint and HTTP status.",
+    ("backend", "endpoint", "status"), registry=_LOCAL)
+DURATION = Histogram(
+    "forwarder_request_duration_seconds",
+    "Seconds from a /v1/ request's arrival to the end of its response.",
+    ("backend", "endpoint"), buckets=DURATION_BUCKETS, registry=_LOCAL)
+TTFB = Histogram(
+    "forwarder_time_to_first_byte_seconds",
+    "Seconds from a /v1/ request's arrival to the first byte of the backend's response body "
+    "(for a stream: its first token).",
+    ("backend", "endpoint"), buckets=TTFB_BUCKETS, registry=_LOCAL)
+IN_FLIGHT = Gauge(
+    "forwarder_requests_in_flight",
+    "Requests sent to a backend and not yet relayed to the end, over all workers.",
+    ("backend",), multiprocess_mode="livesum", registry=_LOCAL)
+RETRIES = Counter(
+    "forwarder_retries_total",
+    "Requests sent again: to another backend because the one picked could not be connected "
+    "to, or once more when a kept-alive connection turned out closed without an answer.",
+    registry=_LOCAL)
+CLIENT_DISCONNECTS = Counter(
+    "forwarder_client_disconnects_total",
+    "Requests whose client went away before the whole response was relayed.",
+    registry=_LOCAL)
+
+# The series a finished request writes, keyed by their label values: a dict lookup per request
+# instead of prometheus-client's `labels()`, which validates and locks every time. A TTFB series
+# is made only once observed, so requests that never reach a backend leave no empty histogram.
+_series = {}  # (backend, endpoint, status) -> (requests counter, duration histogram)
+_ttfb_series = {}  # (backend, endpoint) -> TTFB histogram
+
+
+def endpoint_of(subpath: str) -> str:
+    """The `endpoint` label of a `/v1/{subpath}` request."""
+    if subpath in ENDPOINTS:
+        return subpath
+    segments = subpath.strip("/").split("/")
+    for length in (2, 1):
+        prefix = "/".join(segments[:length])
+        if prefix in ENDPOINTS:
+            return prefix
+    return OTHER_ENDPOINT
+
+
+def _series_for(key):
+    backend, endpoint, status = key
+    series = _series[key] = (REQUESTS.labels(backend, endpoint, status),
+                             DURATION.labels(backend, endpoint))
+    return series
+
+
+def _ttfb_series_for(key):
+    series = _ttfb_series[key] = TTFB.labels(*key)
+    return series
+
+
+class Exchange:
+    """One `/v1` request as the metrics and the access log (`access_log.py`) see it, counted
+    when it ends."""
+
+    __slots__ = ("_environ", "_endpoint", "_started", "_backend", "_first_byte", "_response")
+
+    def __init__(self, environ: dict, subpath: str):
+        self._started = time.perf_counter()
+        self._environ = environ
+        self._endpoint = endpoint_of(subpath)
+        self._backend = NO_BACKEND
+        self._first_byte = None
+        self._response = None
+
+    def sending_to(self, backend_url: str) -> None:
+        """The request is being sent to this backend."""
+        self._backend = self._environ[BACKEND_KEY] = backend_url
+
+    def first_byte(self) -> None:
+        """The first byte of the backend's response body is ready to go to the client."""
+        self._first_byte = elapsed = time.perf_counter() - self._started
+        self._environ[TTFB_KEY] = "%.6f" % elapsed
+
+    def finished(self, response: Response) -> Response:
+        """`response` is the answer; it is counted once the server has closed it."""
+        self._response = response
+        response.call_on_close(self._count)
+        return response
+
+    def _count(self) -> None:
+        duration = time.perf_counter() - self._started
+        key = (self._backend, self._endpoint, self._response.status_code)
+        count, durations = _series.get(key) or _series_for(key)
+        count.inc()
+        durations.observe(duration)
+        if self._first_byte is not None:
+            key = (self._backend, self._endpoint)
+            (_ttfb_series.get(key) or _ttfb_series_for(key)).observe(self._first_byte)
+
+
+def client_disconnected() -> None:
+    CLIENT_DISCONNECTS.inc()
+
+
+def retried() -> None:
+    RETRIES.inc()
+
+
+def in_flight_gauge(backend_url: str):
+    """The in-flight gauge of one backend, for `Backend` to move as requests start and end."""
+    return IN_FLIGHT.labels(backend_url)
+
+
+class FleetCollector:
+    """The backends' health and load as this worker's poller last saw them, read when scraped:
+    every worker polls the whole fleet, and a backend removed from the list leaves no stale
+    series behind (multiprocess files can only ever grow)."""
+
+    def __init__(self, registry):
+        self._registry = registry
+
+    def collect(self):
+        healthy = GaugeMetricFamily(
+            "forwarder_backend_healthy", "1 when the backend's last health poll succeeded.",
+            labels=("backend",))
+        running = GaugeMetricFamily(
+            "forwarder_backend_requests_running",
+            "The backend's own vllm:num_requests_running at its last poll (absent: unknown).",
+            labels=("backend",))
+        waiting = GaugeMetricFamily(
+            "forwarder_backend_requests_waiting",
+            "The backend's own vllm:num_requests_waiting at its last poll (absent: unknown).",
+            labels=("backend",))
+        for backend in self._registry.backends():
+            healthy.add_metric((backend.url,), 1.0 if backend.healthy else 0.0)
+            if backend.num_requests_running is not None:
+                running.add_metric((backend.url,), backend.num_requests_running)
+            if backend.num_requests_waiting is not None:
+                waiting.add_metric((backend.url,), backend.num_requests_waiting)
+        return (healthy, running, waiting)
+
+
+class Scrape:
+    """What `GET /metrics` shows: every worker's request figures, and the fleet."""
+
+    def __init__(self, registry):
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            per_request = MultiProcessCollector(None)
+        else:
+            per_request = _LOCAL
+        self._sources = (per_request, FleetCollector(registry))
+
+    def collect(self):
+        for source in self._sources:
+            yield from source.collect()
+
+    def response(self) -> Response:
+        return Response(generate_latest(self), content_type=CONTENT_TYPE_PLAIN_0_0_4,
+                        headers={"Cache-Control": "no-store"})
