@@ -3,8 +3,8 @@
 Path, query string, body and headers go to the backend as the client sent them, except
 hop-by-hop headers and, when `FORCED_MODEL_NAME` is set, the `model` field of a JSON-object POST
 body. A backend that cannot be connected to is marked down and another is tried (nothing was sent
-to it); once a request reached a backend it is not sent again (but for the keep-alive race that
-`upstream.StaleConnectionError` describes).
+to it); once a request reached a backend it is not sent again, but for a connection closed
+without a byte of answer (the keep-alive race: `upstream.StaleConnectionError`).
 """
 
 import contextlib
@@ -150,6 +150,7 @@ class Proxy:
         deadline = time.monotonic() + self.no_backend_wait
         tried = []
         stale_retried = False
+        attempts = 0
         while True:
             backend = pick_backend(self.registry.healthy, tried)
             if backend is None:
@@ -162,8 +163,9 @@ class Proxy:
                 if tried:
                     raise _Failed(502, "No backend could be reached.")
                 raise _Failed(503, "No healthy backend is available.")
-            if tried:
+            if attempts:
                 telemetry.retried()
+            attempts += 1
             exchange.sending_to(backend.url)
             backend.acquire()
             sent = False
@@ -175,12 +177,14 @@ class Proxy:
                 return backend, response
             except upstream.ConnectFailed as exc:
                 if exc.stale:
-                    # The keep-alive race: the backend is not down, and did not read the request.
-                    # A streamed body is gone, though, and a second race is no race.
-                    if stale_retried or isinstance(body, _BodyStream):
+                    # Closed unanswered, the keep-alive race (upstream.StaleConnectionError): sent
+                    # once more, anywhere; after that a backend that does it again is passed over
+                    # (not marked down: it answers polls). A streamed body is gone, though.
+                    if isinstance(body, _BodyStream):
                         raise _Failed(502, "The backend closed the connection without answering.")
+                    if stale_retried:
+                        tried.append(backend)
                     stale_retried = True
-                    telemetry.retried()
                     continue
                 self.registry.mark_unreachable(backend, str(exc))
                 tried.append(backend)

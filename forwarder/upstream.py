@@ -23,7 +23,7 @@ DEFAULT_POOL_MAXSIZE = 1000
 
 class ConnectFailed(Exception):
     """No connection could be opened: nothing was sent, so another backend may be tried.
-    `stale`: a kept-alive connection turned out closed (see `StaleConnectionError`)."""
+    `stale`: the connection was closed without an answer (see `StaleConnectionError`)."""
 
     def __init__(self, reason: str, stale: bool = False):
         super().__init__(reason)
@@ -31,42 +31,37 @@ class ConnectFailed(Exception):
 
 
 class StaleConnectionError(NewConnectionError):
-    """A kept-alive connection that the backend closed or reset without a byte of answer.
+    """The backend closed or reset the connection without a single byte of answer.
 
-    This is the keep-alive race: a server closes an idle connection (its idle timeout, or
-    uvicorn closing idle connections when vLLM shuts down) just as a request is sent on it. The
-    server never read that request, so it is sent again on a fresh connection, as if that
-    connection had failed to open. (The one case it cannot be told apart from: a backend that
-    read the request and died before answering a byte; vLLM keeps nothing of such a request.)
-    A subclass of NewConnectionError so that urllib3 and requests report it as a connect failure.
+    Mostly this is the keep-alive race: a server closes an idle connection (its idle timeout, or
+    uvicorn closing idle and not-yet-read connections when vLLM shuts down) just as a request is
+    sent on it. The server never read that request, so it is sent once more, as if the connection
+    had failed to open. The one case it cannot be told apart from is a backend that read the
+    request and died before answering anything; vLLM keeps nothing of such a request, and sending
+    it once more is what keeps a rolling restart lossless. A request that got any byte of an
+    answer, or timed out, is never sent again. A subclass of NewConnectionError so that urllib3
+    and requests report it as a connect failure.
     """
 
 
-def _stale_aware(connection_class):
+def _unanswered_is_stale(connection_class):
     class Connection(connection_class):
-        _answered = False  # has this connection carried a whole exchange already?
-
         def getresponse(self, *args, **kwargs):
             try:
-                response = super().getresponse(*args, **kwargs)
+                return super().getresponse(*args, **kwargs)
             except (http.client.RemoteDisconnected, ConnectionResetError) as exc:
-                if self._answered:
-                    raise StaleConnectionError(self, f"kept-alive connection dropped: {exc}") \
-                        from exc
-                raise
-            self._answered = True
-            return response
+                raise StaleConnectionError(self, f"closed without an answer: {exc}") from exc
 
-    Connection.__name__ = Connection.__qualname__ = "StaleAware" + connection_class.__name__
+    Connection.__name__ = Connection.__qualname__ = "Unanswered" + connection_class.__name__
     return Connection
 
 
 class _HTTPPool(HTTPConnectionPool):
-    ConnectionCls = _stale_aware(HTTPConnection)
+    ConnectionCls = _unanswered_is_stale(HTTPConnection)
 
 
 class _HTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _stale_aware(HTTPSConnection)
+    ConnectionCls = _unanswered_is_stale(HTTPSConnection)
 
 
 class UpstreamTimeout(Exception):
