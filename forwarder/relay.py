@@ -23,8 +23,8 @@ HOP_BY_HOP = frozenset((
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
     "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
 ))
-# `Host` names the backend, not the forwarder; requests sets `Content-Length` from the body it
-# sends; gunicorn answers `Expect: 100-continue` itself.
+# `Host` names the backend, not the forwarder; `upstream.send` sets `Content-Length` from the
+# body it sends; gunicorn answers `Expect: 100-continue` itself.
 _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
 # gunicorn always writes its own `Server` and `Date`; passing the backend's would repeat them.
 _NOT_RETURNED = HOP_BY_HOP | {"server", "date"}
@@ -61,7 +61,7 @@ def sse_error_event(message: str, code: int) -> bytes:
 def relay_body(response, backend_url: str, sse: bool, watch: "ClientWatch | None"):
     """Yield the backend's body as it arrives; close the backend connection however it ends
     (when the client leaves, that close is what makes vLLM abort the generation)."""
-    read = response.raw.read1
+    read = response.read1
     waiting = watch or contextlib.nullcontext()
     try:
         while True:
