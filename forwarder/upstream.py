@@ -9,8 +9,10 @@ no redirects and never retries: a request that reached a backend is not sent twi
 """
 
 import http.client
+import select
 
 import urllib3
+from gevent import monkey
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError
@@ -42,6 +44,30 @@ class StaleConnectionError(NewConnectionError):
     """
 
 
+# The operating system's poll, not gevent's stand-in for it.
+_poll = monkey.get_original("select", "poll")
+
+
+def _is_connected(connection) -> bool:
+    """urllib3's check, before reusing a pooled connection, that the backend has not closed it
+    (nothing to read on an idle connection), asked of the kernel directly: urllib3 calls
+    `select.poll`, which gevent's patch turns into watchers and a trip through the hub, ~34 µs of
+    CPU per request instead of ~2 µs."""
+    if connection.sock is None:
+        return False
+    poller = _poll()
+    poller.register(connection.sock, select.POLLIN)
+    return not poller.poll(0)
+
+
+class _PolledHTTPConnection(HTTPConnection):
+    is_connected = property(_is_connected)
+
+
+class _PolledHTTPSConnection(HTTPSConnection):
+    is_connected = property(_is_connected)
+
+
 def _stale_aware(connection_class):
     class Connection(connection_class):
         _answered = False  # has this connection carried a whole exchange already?
@@ -62,11 +88,11 @@ def _stale_aware(connection_class):
 
 
 class _HTTPPool(HTTPConnectionPool):
-    ConnectionCls = _stale_aware(HTTPConnection)
+    ConnectionCls = _stale_aware(_PolledHTTPConnection)
 
 
 class _HTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _stale_aware(HTTPSConnection)
+    ConnectionCls = _stale_aware(_PolledHTTPSConnection)
 
 
 class UpstreamTimeout(Exception):
