@@ -146,7 +146,8 @@ async def sequential_streams(base: str, count: int) -> StreamTally:
 
 
 async def concurrent_streams(base: str, concurrency: int, rounds: int, tokens: int,
-                             delay: float, ramp_seconds: float = 0.0) -> "tuple[StreamTally, float]":
+                             delay: float,
+                             ramp_seconds: float = 0.0) -> "tuple[StreamTally, float]":
     """`concurrency` clients each running `rounds` streams back to back; clients start spread
     over `ramp_seconds` (a burst of thousands of connects overflows listen backlogs)."""
     tally = StreamTally()

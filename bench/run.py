@@ -219,7 +219,8 @@ def scenario_single(table, workdir, quick, pins):
         forwarder.stop()
         backend.stop()
     name = f"0. one at a time ({count} requests)"
-    d50, f50 = ms(load.percentile(direct.latencies, 0.5)), ms(load.percentile(relayed.latencies, 0.5))
+    d50 = ms(load.percentile(direct.latencies, 0.5))
+    f50 = ms(load.percentile(relayed.latencies, 0.5))
     table.add(name, "latency p50", f50, d50, " ms", note=f"added {f50 - d50:.3f} ms")
     d50 = ms(load.percentile(direct_streams.first_event, 0.5))
     f50 = ms(load.percentile(relayed_streams.first_event, 0.5))
@@ -392,7 +393,8 @@ def machine() -> str:
         if line.startswith("model name"):
             model = line.split(":", 1)[1].strip()
             break
-    return f"{os.cpu_count()} × {model}, Linux {platform.release()}, Python {platform.python_version()}"
+    return (f"{os.cpu_count()} × {model}, Linux {platform.release()}, "
+            f"Python {platform.python_version()}")
 
 
 def main(argv=None):
