@@ -47,8 +47,11 @@ bind = "0.0.0.0:9000"
 # gunicorn's gevent worker, except that idle keep-alive connections do not hold up shutdown.
 worker_class = "forwarder.gunicorn_worker.Worker"
 workers = os.cpu_count() or 1
-# Counts every open connection, streams and idle keep-alives alike.
-worker_connections = 1000
+# Counts every open connection, streams and idle keep-alives alike; a full worker stops accepting.
+# 10,000 open streams per box, however unevenly the workers happen to accept them. Each stream
+# holds two file descriptors (client and backend): raise `ulimit -n` to match (README,
+# Performance).
+worker_connections = 10000
 # For gevent workers this is only a heartbeat (sent every second by the worker's own loop): a
 # long stream never trips it, a hub blocked by CPU work for this long does.
 timeout = 30

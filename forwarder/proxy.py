@@ -123,8 +123,8 @@ class Proxy:
         sse = response.headers.get("content-type", "").startswith("text/event-stream")
         relayed = RelayedResponse(relay.relay_body(response, backend.url, sse, watch,
                                                    exchange.first_byte),
-                                  status=response.status_code,
-                                  headers=relay.response_headers(response.raw.headers))
+                                  status=response.status,
+                                  headers=relay.response_headers(response.headers))
         # For HEAD, 204 and 304 Werkzeug never starts the generator, so its `finally` never runs.
         relayed.call_on_close(response.close)
         relayed.call_on_close(backend.release)

@@ -24,7 +24,7 @@ HOP_BY_HOP = frozenset((
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
     "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
 ))
-# `Host` names the backend, not the forwarder; requests sets `Content-Length` from the body it
+# `Host` names the backend, not the forwarder; `upstream.send` sets `Content-Length` from the body it
 # sends; gunicorn answers `Expect: 100-continue` itself; the forwarder sends its own checked
 # `X-Request-Id` (`request_id.py`).
 _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", "x-request-id"}
@@ -66,7 +66,7 @@ def relay_body(response, backend_url: str, sse: bool, watch: "ClientWatch | None
     """Yield the backend's body as it arrives, calling `on_first_byte()` once the first read
     returns; close the backend connection however it ends (when the client leaves, that close is
     what makes vLLM abort the generation)."""
-    read = response.raw.read1
+    read = response.read1
     waiting = watch or contextlib.nullcontext()
     try:
         with waiting:

@@ -2,15 +2,18 @@
 
 The session keeps no cookies (a backend's `Set-Cookie` must never ride along on another client's
 request), ignores proxy environment variables (they must never reroute backend traffic), adds no
-default headers of its own, follows no redirects and never retries: a request that reached a
-backend is not sent twice.
+default headers of its own, follows no redirects and never retries by itself. `send` hands back
+the urllib3 response underneath requests' (`Response.raw`): the relay reads the raw bytes the
+backend sent with `read1`, so nothing of requests' decoding is wanted past the headers.
 """
 
 import http.client
 import http.cookiejar
+import select
 
 import requests
 import requests.adapters
+from gevent import monkey
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError
@@ -30,6 +33,14 @@ class ConnectFailed(Exception):
         self.stale = stale
 
 
+class UpstreamTimeout(Exception):
+    """The backend accepted the request but sent no response within the read timeout."""
+
+
+class UpstreamFailed(Exception):
+    """The request reached the backend but the exchange broke before a response arrived."""
+
+
 class StaleConnectionError(NewConnectionError):
     """The backend closed or reset the connection without a single byte of answer.
 
@@ -44,32 +55,42 @@ class StaleConnectionError(NewConnectionError):
     """
 
 
-def _unanswered_is_stale(connection_class):
-    class Connection(connection_class):
+# The operating system's poll, not gevent's stand-in for it.
+_poll = monkey.get_original("select", "poll")
+
+
+def _is_connected(connection) -> bool:
+    """urllib3's check, before reusing a pooled connection, that the backend has not closed it
+    (nothing to read on an idle connection), asked of the kernel directly: urllib3 calls
+    `select.poll`, which gevent's patch turns into watchers and a trip through the hub, ~34 µs of
+    CPU per request instead of ~2 µs."""
+    if connection.sock is None:
+        return False
+    poller = _poll()
+    poller.register(connection.sock, select.POLLIN)
+    return not poller.poll(0)
+
+
+def _connection_class(base):
+    class Connection(base):
+        is_connected = property(_is_connected)
+
         def getresponse(self, *args, **kwargs):
             try:
                 return super().getresponse(*args, **kwargs)
             except (http.client.RemoteDisconnected, ConnectionResetError) as exc:
                 raise StaleConnectionError(self, f"closed without an answer: {exc}") from exc
 
-    Connection.__name__ = Connection.__qualname__ = "Unanswered" + connection_class.__name__
+    Connection.__name__ = Connection.__qualname__ = "Backend" + base.__name__
     return Connection
 
 
 class _HTTPPool(HTTPConnectionPool):
-    ConnectionCls = _unanswered_is_stale(HTTPConnection)
+    ConnectionCls = _connection_class(HTTPConnection)
 
 
 class _HTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _unanswered_is_stale(HTTPSConnection)
-
-
-class UpstreamTimeout(Exception):
-    """The backend accepted the request but sent no response within the read timeout."""
-
-
-class UpstreamFailed(Exception):
-    """The request reached the backend but the exchange broke before a response arrived."""
+    ConnectionCls = _connection_class(HTTPSConnection)
 
 
 def make_session(pool_maxsize: int) -> requests.Session:
@@ -100,7 +121,7 @@ def configure(pool_maxsize: int) -> None:
 def describe(exc: BaseException) -> str:
     """A short reason for an exception raised while connecting to a backend."""
     text = str(exc).lower()
-    if isinstance(exc, requests.Timeout) or "timed out" in text:
+    if isinstance(exc, (requests.Timeout, TimeoutError)) or "timed out" in text:
         return "timeout"
     if "refused" in text:
         return "connection refused"
@@ -112,11 +133,14 @@ def describe(exc: BaseException) -> str:
 
 
 def send(method: str, url: str, headers: dict, body, connect_timeout: float,
-         read_timeout: float) -> requests.Response:
-    """Send one request and return the response with its body unread (`stream=True`)."""
+         read_timeout: float):
+    """Send one request; the urllib3 response with its body unread, to be read as the raw bytes
+    the backend sent (`read1`). After the body's end the connection is back in the pool;
+    `close()` before that closes the connection."""
     try:
         return _session.request(method, url, headers=headers, data=body, stream=True,
-                                allow_redirects=False, timeout=(connect_timeout, read_timeout))
+                                allow_redirects=False,
+                                timeout=(connect_timeout, read_timeout)).raw
     except requests.ConnectTimeout as exc:
         raise ConnectFailed("timeout") from exc
     except requests.ReadTimeout as exc:

@@ -1,0 +1,1 @@
+"""The benchmark: `python bench/run.py [--quick]` (see README, Performance)."""

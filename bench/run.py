@@ -1,0 +1,428 @@
+"""The forwarder beside a direct connection to the same backend, measured in one run.
+
+    python bench/run.py [--quick] [--no-pin] [--only NAME ...]
+
+Starts the fake backend (`bench/fake_backend.py`) and the forwarder as an operator does
+(gunicorn with the shipped `gunicorn.conf.py`, on loopback), runs each scenario once through the
+forwarder and once straight to the backend, and prints a markdown table. On a machine with two
+or more cores the forwarder is pinned to core 0 and the backend and this load generator to core
+1 (taskset / sched_setaffinity), so the load generator never takes the forwarder's CPU; the
+many-streams scenario runs the shipped configuration unpinned, one worker per core.
+"""
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import uvloop
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from bench import load  # noqa: E402  (needs the path above)
+
+CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+# --- processes --------------------------------------------------------------------------------
+
+def _spawn(command, log_path, env=None, cpus=None, stdout=None):
+    if cpus is not None:
+        command = ["taskset", "-c", cpus, *command]
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=stdout or log,
+                                stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop(proc, sig=signal.SIGTERM, timeout=10):
+    """`sig` to the process; then SIGKILL its process group (our own: start_new_session)."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _children(pid):
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def cpu_seconds(pid) -> float:
+    """User + system CPU time of one process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
+
+
+def rss_bytes(pid) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_SIZE
+
+
+class Backend:
+    """`bench/fake_backend.py` in its own process group."""
+
+    def __init__(self, workdir, ports=1, processes=1, cpus=None):
+        command = [sys.executable, "-m", "bench.fake_backend", "--ports", str(ports),
+                   "--processes", str(processes)]
+        self.proc = _spawn(command, workdir / "backend.log", cpus=cpus, stdout=subprocess.PIPE)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit("fake backend did not start:\n"
+                             + (workdir / "backend.log").read_text()[-2000:])
+        self.ports = json.loads(line)["ports"]
+        self.url = f"http://127.0.0.1:{self.ports[0]}"
+
+    def stats(self) -> dict:
+        with socket.create_connection(("127.0.0.1", self.ports[0])) as sock:
+            sock.sendall(b"GET /_bench/stats HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        return json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+    def stop(self):
+        _stop(self.proc)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Forwarder:
+    """gunicorn with the shipped gunicorn.conf.py, bound to loopback."""
+
+    def __init__(self, workdir, backend_ports, workers=1, env=None, cpus=None):
+        self.dir = Path(tempfile.mkdtemp(prefix="forwarder-", dir=workdir))
+        ip_file = self.dir / "ip.txt"
+        ip_file.write_text("".join(f"127.0.0.1:{port}\n" for port in backend_ports))
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        environment = dict(os.environ, IP_LIST_FILE=str(ip_file), **(env or {}))
+        command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
+                   "forwarder.wsgi:app", "--bind", f"127.0.0.1:{self.port}",
+                   "--workers", str(workers)]
+        self.log = self.dir / "forwarder.log"
+        self.proc = _spawn(command, self.log, env=environment, cpus=cpus)
+        self.workers = []
+        self._wait_ready(workers)
+
+    def _wait_ready(self, workers):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit("forwarder exited:\n" + self.log.read_text()[-3000:])
+            self.workers = _children(self.proc.pid)
+            if len(self.workers) == workers and self._answers():
+                return
+            time.sleep(0.1)
+        raise SystemExit("forwarder not ready in 30 s:\n" + self.log.read_text()[-3000:])
+
+    def _answers(self) -> bool:
+        """A chat request relayed with 200: a worker is up and has seen the backend healthy."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+                body = load.CHAT_BODY
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: f\r\n"
+                             b"Content-Type: application/json\r\nConnection: close\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                return sock.recv(12).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
+    def cpu_seconds(self) -> float:
+        return sum(cpu_seconds(pid) for pid in self.workers)
+
+    def rss_bytes(self) -> int:
+        return sum(rss_bytes(pid) for pid in [self.proc.pid, *self.workers])
+
+    def stop(self):
+        _stop(self.proc, signal.SIGINT)
+
+
+# --- the table --------------------------------------------------------------------------------
+
+class Table:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, scenario, figure, forwarder, direct=None, unit="", ratio=True, note=""):
+        self.rows.append((scenario, figure, forwarder, direct, unit, ratio, note))
+
+    @staticmethod
+    def _fmt(value, unit):
+        if value is None:
+            return "–"
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int):
+            return f"{value:,}{unit}"
+        digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2
+        if unit in (" ms",) and abs(value) < 10:
+            digits = 3 if abs(value) < 1 else 2
+        return f"{value:,.{digits}f}{unit}"
+
+    def markdown(self) -> str:
+        lines = ["| scenario | figure | forwarder | direct | forwarder / direct | note |",
+                 "| --- | --- | --- | --- | --- | --- |"]
+        for scenario, figure, forwarder, direct, unit, ratio, note in self.rows:
+            shown_ratio = "–"
+            if ratio and isinstance(forwarder, (int, float)) and isinstance(direct, (int, float)) \
+                    and direct:
+                shown_ratio = f"{forwarder / direct:.2f}"
+            lines.append(f"| {scenario} | {figure} | {self._fmt(forwarder, unit)} | "
+                         f"{self._fmt(direct, unit)} | {shown_ratio} | {note} |")
+        return "\n".join(lines)
+
+
+def ms(seconds):
+    return seconds * 1000.0
+
+
+# --- scenarios --------------------------------------------------------------------------------
+
+def scenario_single(table, workdir, quick, pins):
+    """One request at a time: the forwarder's added latency and time to first event."""
+    count = 400 if quick else 2000
+    backend = Backend(workdir, cpus=pins.backend)
+    forwarder = Forwarder(workdir, backend.ports, cpus=pins.forwarder)
+    try:
+        direct = asyncio.run(load.sequential(backend.url, count))
+        cpu_before = forwarder.cpu_seconds()
+        relayed = asyncio.run(load.sequential(forwarder.url, count))
+        cpu = (forwarder.cpu_seconds() - cpu_before) / count
+        direct_streams = asyncio.run(load.sequential_streams(backend.url, count))
+        relayed_streams = asyncio.run(load.sequential_streams(forwarder.url, count))
+    finally:
+        forwarder.stop()
+        backend.stop()
+    name = f"0. one at a time ({count} requests)"
+    d50 = ms(load.percentile(direct.latencies, 0.5))
+    f50 = ms(load.percentile(relayed.latencies, 0.5))
+    table.add(name, "latency p50", f50, d50, " ms", note=f"added {f50 - d50:.3f} ms")
+    d50 = ms(load.percentile(direct_streams.first_event, 0.5))
+    f50 = ms(load.percentile(relayed_streams.first_event, 0.5))
+    table.add(name, "time to first event p50", f50, d50, " ms", note=f"added {f50 - d50:.3f} ms")
+    table.add(name, "worker CPU per request", cpu * 1e6, None, " µs", ratio=False)
+    table.add(name, "errors", relayed.errors + relayed_streams.incomplete,
+              direct.errors + direct_streams.incomplete, ratio=False)
+
+
+def scenario_throughput(table, workdir, quick, pins):
+    """1. Non-streaming chat at concurrency 64."""
+    seconds = 5 if quick else 20
+    backend = Backend(workdir, cpus=pins.backend)
+    forwarder = Forwarder(workdir, backend.ports, cpus=pins.forwarder)
+    try:
+        direct, direct_wall = asyncio.run(load.closed_loop(backend.url, 64, seconds))
+        connections_before = backend.stats()["connections"]
+        cpu_before = forwarder.cpu_seconds()
+        relayed, relayed_wall = asyncio.run(load.closed_loop(forwarder.url, 64, seconds))
+        cpu = forwarder.cpu_seconds() - cpu_before
+        upstream_connections = backend.stats()["connections"] - connections_before - 1
+    finally:
+        forwarder.stop()
+        backend.stop()
+    name = "1. non-streaming, concurrency 64"
+    answered = len(relayed.latencies)
+    table.add(name, "requests/s", answered / relayed_wall, len(direct.latencies) / direct_wall)
+    for label, fraction in (("p50", 0.5), ("p99", 0.99)):
+        table.add(name, f"latency {label}", ms(load.percentile(relayed.latencies, fraction)),
+                  ms(load.percentile(direct.latencies, fraction)), " ms")
+    table.add(name, "worker CPU per request", cpu / max(answered, 1) * 1e6, None, " µs",
+              ratio=False, note=f"{cpu / relayed_wall:.0%} of a core")
+    table.add(name, "new upstream connections", upstream_connections, None, ratio=False,
+              note=f"for {answered:,} requests")
+    table.add(name, "errors", relayed.errors, direct.errors, ratio=False)
+
+
+def scenario_streams(table, workdir, quick, pins):
+    """2. 256 concurrent streams of 50 tokens 20 ms apart."""
+    rounds = 3 if quick else 10
+    backend = Backend(workdir, cpus=pins.backend)
+    forwarder = Forwarder(workdir, backend.ports, cpus=pins.forwarder)
+    try:
+        direct, direct_wall = asyncio.run(
+            load.concurrent_streams(backend.url, 256, rounds, 50, 0.02, ramp_seconds=0.5))
+        cpu_before = forwarder.cpu_seconds()
+        relayed, relayed_wall = asyncio.run(
+            load.concurrent_streams(forwarder.url, 256, rounds, 50, 0.02, ramp_seconds=0.5))
+        cpu = forwarder.cpu_seconds() - cpu_before
+    finally:
+        forwarder.stop()
+        backend.stop()
+    name = f"2. 256 streams × 50 tokens @ 20 ms ({rounds} rounds)"
+    for label, fraction in (("p50", 0.5), ("p99", 0.99)):
+        f = ms(load.percentile(relayed.first_event, fraction))
+        d = ms(load.percentile(direct.first_event, fraction))
+        table.add(name, f"time to first event {label}", f, d, " ms", note=f"added {f - d:.2f} ms")
+    for label, fraction in (("p50", 0.5), ("p99", 0.99)):
+        table.add(name, f"inter-chunk gap {label}", ms(load.percentile(relayed.gaps, fraction)),
+                  ms(load.percentile(direct.gaps, fraction)), " ms")
+    table.add(name, "events/s", relayed.events / relayed_wall, direct.events / direct_wall,
+              note=f"worker {cpu / relayed_wall:.0%} of a core, "
+                   f"{cpu / max(relayed.events, 1) * 1e6:.0f} µs per event")
+    table.add(name, "incomplete streams", relayed.incomplete, direct.incomplete, ratio=False)
+
+
+def scenario_many_streams(table, workdir, quick, pins):
+    """3. Many open slow streams (a token a second) on the shipped configuration."""
+    streams = 2000
+    # Streams long enough that all are open at once even while starting them is slow: this
+    # measures holding them, not the rate of starting them.
+    tokens = 20 if quick else 60
+    ramp = 5 if quick else 10
+    workers = os.cpu_count() or 1
+    backend = Backend(workdir, cpus=pins.backend)
+    forwarder = Forwarder(workdir, backend.ports, workers=workers)
+    try:
+        idle_rss = forwarder.rss_bytes()
+        direct, _ = asyncio.run(
+            load.concurrent_streams(backend.url, streams, 1, tokens, 1.0, ramp_seconds=ramp))
+        peak = [idle_rss]
+
+        async def measured():
+            run = asyncio.ensure_future(
+                load.concurrent_streams(forwarder.url, streams, 1, tokens, 1.0, ramp_seconds=ramp))
+            while not run.done():
+                peak[0] = max(peak[0], forwarder.rss_bytes())
+                await asyncio.sleep(0.25)
+            return run.result()
+
+        relayed, _ = asyncio.run(measured())
+    finally:
+        forwarder.stop()
+        backend.stop()
+    name = f"3. {streams:,} open streams, a token a second ({workers} workers)"
+    table.add(name, "streams open at once (peak)", relayed.peak_open, direct.peak_open,
+              ratio=False)
+    table.add(name, "forwarder RSS, all processes (peak)", peak[0] / 2**20, None, " MiB",
+              ratio=False, note=f"idle {idle_rss / 2**20:.0f} MiB")
+    table.add(name, "memory per open stream", (peak[0] - idle_rss) / max(relayed.peak_open, 1)
+              / 1024, None, " KiB", ratio=False)
+    table.add(name, "incomplete streams", relayed.incomplete, direct.incomplete, ratio=False)
+
+
+def scenario_polling(table, workdir, quick, pins):
+    """4. 100 backends serving the 88 KB /metrics body, polled every second."""
+    idle_seconds = 5 if quick else 15
+    count = 1500 if quick else 5000
+    backend = Backend(workdir, ports=100, cpus=pins.backend)
+    forwarder = Forwarder(workdir, backend.ports, cpus=pins.forwarder,
+                          env={"CHECK_INTERVAL_SECONDS": "1"})
+    try:
+        time.sleep(2)  # every backend polled at least once
+        before = backend.stats()
+        cpu_before = forwarder.cpu_seconds()
+        time.sleep(idle_seconds)
+        polling_share = (forwarder.cpu_seconds() - cpu_before) / idle_seconds
+        after = backend.stats()
+        polls = (after["metrics"] - before["metrics"]) / idle_seconds
+        # Less the connection that asked for the stats.
+        poll_connections = after["connections"] - before["connections"] - 1
+        direct = asyncio.run(load.sequential(backend.url, count))
+        relayed = asyncio.run(load.sequential(forwarder.url, count))
+    finally:
+        forwarder.stop()
+        backend.stop()
+    name = "4. polling 100 backends × 88 KB every 1 s"
+    table.add(name, "polls/s", polls, 100.0, ratio=False, note="target 100")
+    table.add(name, "new connections for the polls", poll_connections, None, ratio=False,
+              note=f"{polls * idle_seconds:,.0f} polls")
+    table.add(name, "worker CPU share spent polling", f"{polling_share:.1%}", None, ratio=False,
+              note=f"{polling_share / max(polls, 1) * 1e6:.0f} µs per poll")
+    for label, fraction in (("p50", 0.5), ("p99", 0.99), ("max", 1.0)):
+        table.add(name, f"latency of requests relayed meanwhile, {label}",
+                  ms(load.percentile(relayed.latencies, fraction)),
+                  ms(load.percentile(direct.latencies, fraction)), " ms")
+    table.add(name, "errors", relayed.errors, direct.errors, ratio=False)
+
+
+SCENARIOS = {
+    "single": scenario_single,
+    "throughput": scenario_throughput,
+    "streams": scenario_streams,
+    "many": scenario_many_streams,
+    "polling": scenario_polling,
+}
+
+
+class Pins:
+    """Which cores the forwarder and the rest (backend, load generator) run on."""
+
+    def __init__(self, enabled: bool):
+        cores = sorted(os.sched_getaffinity(0))
+        if enabled and len(cores) >= 2:
+            self.forwarder, self.backend = str(cores[0]), str(cores[1])
+            self.description = (f"forwarder pinned to core {cores[0]}, backend and load "
+                                f"generator to core {cores[1]}")
+        else:
+            self.forwarder = self.backend = None
+            self.description = "not pinned"
+
+    def pin_self(self):
+        if self.backend is not None:
+            os.sched_setaffinity(0, {int(self.backend)})
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return (f"{os.cpu_count()} × {model}, Linux {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs (under 3 minutes)")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    parser.add_argument("--only", nargs="+", choices=list(SCENARIOS), help="run only these")
+    args = parser.parse_args(argv)
+
+    # 2,000 streams need 2,000 sockets here, as many in the backend and twice that in the
+    # forwarder: the children inherit this limit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    pins = Pins(not args.no_pin)
+    pins.pin_self()
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+    table = Table()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="forwarder-bench-") as workdir:
+        for name in args.only or SCENARIOS:
+            SCENARIOS[name](table, Path(workdir), args.quick, pins)
+            print(f"[{time.monotonic() - started:.0f} s] {name} done", file=sys.stderr)
+    print(f"{datetime.date.today()} · {machine()} · {pins.description} · "
+          f"`python bench/run.py{' --quick' if args.quick else ''}` "
+          f"({time.monotonic() - started:.0f} s)\n")
+    print(table.markdown())
+
+
+if __name__ == "__main__":
+    main()
