@@ -15,7 +15,7 @@ import urllib.parse
 
 from flask import Response, request
 
-from . import relay, request_id, telemetry, upstream
+from . import access, relay, request_id, telemetry, upstream
 from .client_watch import ClientGone, ClientWatch
 from .errors import error_response
 from .registry import Registry
@@ -93,6 +93,8 @@ class Proxy:
         self.connect_timeout = settings.connect_timeout_seconds
         self.read_timeout = settings.read_timeout_seconds
         self.no_backend_wait = settings.no_backend_wait_seconds
+        self.max_body = settings.max_request_body_bytes
+        self.backend_authorization = access.backend_authorization(settings)
 
     def __call__(self, subpath: str = "") -> Response:
         environ = request.environ
@@ -103,11 +105,16 @@ class Proxy:
                 error_response(400, "The request path must stay under /v1/."))
         client_socket = environ.get("gunicorn.socket")
         watch = ClientWatch(client_socket) if client_socket is not None else None
-        body = self.request_body(environ, watch.start if watch else _nothing)
+        try:
+            body = self.request_body(environ, watch.start if watch else _nothing)
+        except access.BodyTooLarge:
+            return exchange.finished(access.too_large_response(self.max_body, environ))
         if not isinstance(body, _BodyStream) and watch:
             watch.start()
         headers = relay.request_headers(request.headers)
         headers[request_id.HEADER] = environ[request_id.ENVIRON_KEY]
+        if self.backend_authorization:
+            headers["Authorization"] = self.backend_authorization
         try:
             backend, response = self.send(request.method, target, headers, body, watch, exchange)
         except ClientGone:
@@ -134,12 +141,14 @@ class Proxy:
 
     def request_body(self, environ, on_end):
         """The body to send: streamed from the client when it is large, its length is known and it
-        needs no rewrite (`on_end` is called once it has all been read); read whole otherwise."""
+        needs no rewrite (`on_end` is called once it has all been read); read whole otherwise.
+        `BodyTooLarge` past MAX_REQUEST_BODY_BYTES."""
         length = request.content_length
+        access.check_declared_length(length, self.max_body)
         rewrite = self.forced_model and request.method == "POST"
         if length is not None and length > STREAMED_BODY_BYTES and not rewrite:
             return _BodyStream(environ["wsgi.input"], length, on_end)
-        body = environ["wsgi.input"].read()
+        body = access.read_limited(environ["wsgi.input"], self.max_body)
         if rewrite and body:
             body = force_model(body, self.forced_model)
         return body or None
