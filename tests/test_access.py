@@ -204,12 +204,21 @@ def test_admin_key_opens_backends(fwd):
 # --- MAX_REQUEST_BODY_BYTES ------------------------------------------------------------------
 
 def test_declared_length_over_the_limit_is_refused_before_any_of_it_is_read(backend, fwd):
-    # Not one byte of the declared terabyte is sent: the answer can only come from the header.
-    answer = exchange(fwd.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
-                                b"Authorization: Bearer sk-first\r\n"
-                                b"Content-Length: 1000000000000\r\n\r\n")
-    assert status_of(answer) == 413
-    assert json_body(answer)["error"]["type"] == "RequestTooLargeError"
+    with socket.create_connection(("127.0.0.1", fwd.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer sk-first\r\nContent-Length: 1000000000000\r\n\r\n")
+        # Not one byte of the declared terabyte was sent: the answer can only come from the
+        # header, and the connection ends after it.
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        assert status_of(answer) == 413
+        assert json_body(answer)["error"]["type"] == "RequestTooLargeError"
+        # What the client sends now is no longer read (gunicorn would otherwise read and
+        # discard the whole terabyte): the connection is closed, so sending soon fails.
+        with pytest.raises(OSError):
+            for _ in range(64 * 1024):
+                sock.sendall(b"x" * 1024)
     assert backend.requests() == []
 
 
