@@ -27,12 +27,27 @@ class RelayedResponse(Response):
     default_mimetype = None
 
 
+# A path still percent-encoded after this many rounds of decoding is refused.
+_MAX_DECODINGS = 3
+
+
+def _decoded(path: str) -> "str | None":
+    """The path decoded until nothing is left to decode, or None: `%252e` is `.` to anything
+    that decodes twice (a proxy before the backend, a backend's own router)."""
+    for _ in range(_MAX_DECODINGS):
+        decoded = urllib.parse.unquote(path)
+        if decoded == path:
+            return decoded
+        path = decoded
+    return None
+
+
 def upstream_target(raw_uri: str) -> "str | None":
     """The path and query to request from the backend: the client's own bytes, or None when the
     path would leave `/v1/` once decoded and normalised (the backend must see nothing else)."""
     split = urllib.parse.urlsplit(raw_uri)
-    decoded = urllib.parse.unquote(split.path)
-    if "\\" in decoded or "\x00" in decoded:
+    decoded = _decoded(split.path)
+    if decoded is None or "\\" in decoded or "\x00" in decoded:
         return None
     if not posixpath.normpath(decoded).startswith("/v1/"):
         return None

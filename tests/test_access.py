@@ -309,3 +309,15 @@ def test_request_line_and_headers_within_the_limits_pass(backend, fwd):
         response = http.get(fwd.url + path, headers=headers)
     assert response.status_code == 200
     assert backend.requests()[0]["path"] == path
+
+
+# --- path safety -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/v1/%252e%252e/metrics", "/v1/..%255cmetrics",
+                                  "/v1/%25252e%25252e/x", "/v1/a/..%2f..%2f_fake/config"])
+def test_paths_that_leave_v1_when_decoded_again_are_400(backend, fwd, path):
+    answer = exchange(fwd.port, f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                                f"sk-first\r\nConnection: close\r\n\r\n".encode())
+    assert status_of(answer) == 400, answer
+    assert json_body(answer)["error"]["code"] == 400
+    assert backend.requests() == []
