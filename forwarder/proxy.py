@@ -60,12 +60,17 @@ def force_model(body: bytes, model: str) -> bytes:
         return body
     try:
         document = json.loads(body)
-    except ValueError:
-        return body  # not JSON after all: the backend will say what is wrong with it
+    except (ValueError, RecursionError):
+        # Not JSON after all, or nested too deep to parse: the backend will say what is wrong.
+        return body
     if not isinstance(document, dict):
         return body
     document["model"] = model
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+    try:
+        return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (`"\\ud800"`) has no UTF-8 form: keep it escaped, as it came.
+        return json.dumps(document, separators=(",", ":")).encode()
 
 
 class _BodyStream:

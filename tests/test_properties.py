@@ -2,6 +2,7 @@
 settings, and the path check of the proxy. No input makes them raise anything but the intended
 error, and no path they let through reaches a backend outside `/v1/`."""
 
+import json
 import posixpath
 import string
 import urllib.parse
@@ -11,7 +12,7 @@ import requests
 from hypothesis import example, given, settings as hypothesis_settings, strategies as st
 
 from forwarder import backend_list, settings
-from forwarder.proxy import upstream_target
+from forwarder.proxy import force_model, upstream_target
 
 # Text that looks like what an operator or an attacker would type, plus anything at all.
 ENTRY_PIECES = st.sampled_from([
@@ -107,7 +108,7 @@ def _fully_decoded(path: str) -> str:
     return path
 
 
-@hypothesis_settings(max_examples=1000)
+@hypothesis_settings(max_examples=500)
 @given(RAW_PATHS)
 @example("/v1/%252e%252e/metrics")
 @example("/v1/..%255cmetrics")
@@ -132,3 +133,24 @@ def test_plain_paths_under_v1_pass_unchanged(rest):
     expected = raw if posixpath.normpath(raw).startswith("/v1/") else None
     assert upstream_target(raw) == expected
     assert upstream_target(raw + "?a=%2F..%2F") == (expected and expected + "?a=%2F..%2F")
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.integers() | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=5), children, max_size=4),
+    max_leaves=20)
+
+
+@given(st.one_of(st.binary(), JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+                 st.builds(lambda v: b"{" + v, st.binary())))
+@example(b'{"a": ' + b"[" * 100000 + b"]" * 100000 + b"}")
+@example(b'{"content": "\\ud800"}')
+def test_force_model_never_raises_and_only_sets_model(body):
+    rewritten = force_model(body, "forced")
+    if rewritten is body:
+        return
+    original, document = json.loads(body), json.loads(rewritten)
+    assert document.pop("model") == "forced"
+    original.pop("model", None)
+    assert json.dumps(document, sort_keys=True) == json.dumps(original, sort_keys=True)
