@@ -93,45 +93,65 @@ def backend_authorization(settings) -> "str | None":
     return f"Bearer {settings.backend_api_key}" if settings.backend_api_key else None
 
 
-class BodyTooLarge(Exception):
+class BodyRefused(Exception):
+    """The request body is not sent on; `response` is the answer for the client."""
+
+    status = 400
+
+    def __init__(self, message: str, limit: int):
+        super().__init__(message)
+        self.limit = limit
+
+    def response(self, environ):
+        return refuse_body(error_response(self.status, str(self)), environ, self.limit)
+
+
+class BodyTooLarge(BodyRefused):
     """The request body is longer than MAX_REQUEST_BODY_BYTES."""
+
+    status = 413
+
+    def __init__(self, limit: int):
+        super().__init__(f"The request body is larger than the limit of {limit} bytes "
+                         f"(MAX_REQUEST_BODY_BYTES).", limit)
 
 
 def check_declared_length(length: "int | None", limit: int) -> None:
     """Refuse a body by its `Content-Length` alone, before anything of it is read."""
     if length is not None and length > limit:
-        raise BodyTooLarge()
+        raise BodyTooLarge(limit)
 
 
 def read_limited(stream, limit: int) -> bytes:
-    """The whole body of a stream of unknown length, refused as soon as it passes `limit`."""
+    """The whole body of a stream of unknown length, refused as soon as it passes `limit`, or
+    when it cannot be read to its end (broken chunked encoding, a client gone mid-body)."""
     pieces = []
     size = 0
     while True:
-        piece = stream.read(READ_SIZE)
+        try:
+            piece = stream.read(READ_SIZE)
+        except Exception as exc:
+            # The WSGI server raises its own parse errors here (gunicorn: NoMoreData,
+            # InvalidChunkSize, ChunkMissingTerminator ...): all mean the body is unusable.
+            raise BodyRefused(f"The request body could not be read: "
+                              f"{type(exc).__name__}.", limit) from None
         if not piece:
             return b"".join(pieces)
         size += len(piece)
         if size > limit:
-            raise BodyTooLarge()
+            raise BodyTooLarge(limit)
         pieces.append(piece)
-
-
-def too_large_response(limit: int, environ):
-    """The `413` for a body over the limit; the rest of the body is never read through."""
-    response = error_response(413, f"The request body is larger than the limit of "
-                                   f"{limit} bytes (MAX_REQUEST_BODY_BYTES).")
-    return refuse_body(response, environ, limit)
 
 
 def refuse_body(response, environ, linger_bytes: int):
     """`response`, after which the connection ends instead of its request body being read.
 
     Once the answer is written the forwarder stops sending and discards what the client still
-    sends for a moment (up to `linger_bytes`), so a client that writes its whole body before
-    reading, as most do, sees the answer rather than a reset; then `post_request` in
-    `gunicorn.conf.py` closes the connection (gunicorn would otherwise read all of the rest of
-    the body, however long, to reach the next request)."""
+    sends for a moment (up to `linger_bytes`, as nginx's lingering close does): closing a socket
+    with unread data sends a reset, which can destroy an answer still on its way, and a client
+    that writes its whole body before reading, as most do, would see only the reset. Then
+    `post_request` in `gunicorn.conf.py` closes the connection (gunicorn would otherwise read
+    all of the rest of the body, however long, to reach the next request)."""
     environ[CLOSE_CONNECTION] = True
     client_socket = environ.get("gunicorn.socket")
     if client_socket is not None:

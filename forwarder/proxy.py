@@ -127,8 +127,8 @@ class Proxy:
         watch = ClientWatch(client_socket) if client_socket is not None else None
         try:
             body = self.request_body(environ, watch.start if watch else _nothing)
-        except access.BodyTooLarge:
-            return exchange.finished(access.too_large_response(self.max_body, environ))
+        except access.BodyRefused as refused:
+            return exchange.finished(refused.response(environ))
         if not isinstance(body, _BodyStream) and watch:
             watch.start()
         headers = relay.request_headers(request.headers)
@@ -162,7 +162,7 @@ class Proxy:
     def request_body(self, environ, on_end):
         """The body to send: streamed from the client when it is large, its length is known and it
         needs no rewrite (`on_end` is called once it has all been read); read whole otherwise.
-        `BodyTooLarge` past MAX_REQUEST_BODY_BYTES."""
+        `BodyRefused` past MAX_REQUEST_BODY_BYTES or when it cannot be read to its end."""
         length = request.content_length
         access.check_declared_length(length, self.max_body)
         rewrite = self.forced_model and request.method == "POST"
