@@ -6,7 +6,7 @@ import pytest
 
 from tests import fuzz_forwarder
 
-CASES = 200
+CASES = 150
 
 
 @pytest.mark.parametrize("config", sorted(fuzz_forwarder.CONFIGS))
