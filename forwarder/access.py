@@ -4,7 +4,8 @@
 - `ADMIN_API_KEY`: `/_backends`, `/_status` and `/metrics` need `Authorization: Bearer <it>`.
 - `BACKEND_API_KEY`: the `Authorization` sent to backends in place of the client's.
 - `MAX_REQUEST_BODY_BYTES`: a larger body gets `413`; a declared length over it is refused
-  before a byte of the body is read, a chunked upload as soon as it passes it.
+  before a byte of the body is read, a chunked upload as soon as it passes it. A body that
+  cannot be read to its end (broken chunked encoding, a client gone mid-body) gets `400`.
 
 A refused request never reaches a backend. Keys are compared as SHA-256 digests with
 `hmac.compare_digest`, against every key whatever the earlier ones gave, so the time an answer
@@ -27,7 +28,8 @@ ADMIN_PATHS = frozenset(("/_backends", "/_status", "/metrics"))
 _V1_PATH = re.compile(r"/*v1(/|$)")
 # Chunked request bodies are read in pieces of this size, so the limit is noticed in time.
 READ_SIZE = 65536
-# After a `413`: how long, and (at most the limit again) how much, of the rest is discarded.
+# After a refused body (`413`, `401`, `400`): how long, and (at most the body limit) how much,
+# of what the client still sends is discarded before the connection closes.
 LINGER_SECONDS = 2.0
 # The WSGI environ key that tells `post_request` in `gunicorn.conf.py` to end the connection.
 CLOSE_CONNECTION = "forwarder.close_connection"
