@@ -321,3 +321,27 @@ def test_paths_that_leave_v1_when_decoded_again_are_400(backend, fwd, path):
     assert status_of(answer) == 400, answer
     assert json_body(answer)["error"]["code"] == 400
     assert backend.requests() == []
+
+
+# --- bodies that cannot be read --------------------------------------------------------------
+
+def test_broken_chunked_encoding_is_400_and_reaches_no_backend(backend, fwd):
+    answer = exchange(fwd.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                                b"Authorization: Bearer sk-first\r\nTransfer-Encoding: chunked\r\n"
+                                b"\r\nzz\r\nabc\r\n0\r\n\r\n")
+    assert status_of(answer) == 400
+    assert "could not be read" in json_body(answer)["error"]["message"]
+    assert backend.requests() == []
+
+
+def test_a_client_that_stops_before_its_content_length_leaves_no_backend_waiting(backend, fwd):
+    with socket.create_connection(("127.0.0.1", fwd.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer sk-first\r\nContent-Length: 1000\r\n\r\n"
+                     b'{"model": ')
+        sock.shutdown(socket.SHUT_WR)
+        # The forwarder gives up on the request at once instead of waiting on a backend that
+        # waits for the other 990 bytes (READ_TIMEOUT_SECONDS, 10 minutes by default).
+        while sock.recv(65536):
+            pass
+    assert backend.requests() == []
