@@ -336,12 +336,13 @@ def test_broken_chunked_encoding_is_400_and_reaches_no_backend(backend, fwd):
 
 def test_a_client_that_stops_before_its_content_length_leaves_no_backend_waiting(backend, fwd):
     with socket.create_connection(("127.0.0.1", fwd.port), timeout=5) as sock:
+        # Large enough that the body is still arriving when the forwarder starts sending it on.
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
-                     b"Authorization: Bearer sk-first\r\nContent-Length: 1000\r\n\r\n"
-                     b'{"model": ')
+                     b"Authorization: Bearer sk-first\r\nContent-Length: 300000\r\n\r\n"
+                     + b"x" * 200000)
         sock.shutdown(socket.SHUT_WR)
         # The forwarder gives up on the request at once instead of waiting on a backend that
-        # waits for the other 990 bytes (READ_TIMEOUT_SECONDS, 10 minutes by default).
+        # waits for the other 100 KB (READ_TIMEOUT_SECONDS, 10 minutes by default).
         while sock.recv(65536):
             pass
     assert backend.requests() == []
