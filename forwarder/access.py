@@ -124,9 +124,9 @@ def check_declared_length(length: "int | None", limit: int) -> None:
         raise BodyTooLarge(limit)
 
 
-def read_limited(stream, limit: int) -> bytes:
-    """The whole body of a stream of unknown length, refused as soon as it passes `limit`, or
-    when it cannot be read to its end (broken chunked encoding, a client gone mid-body)."""
+def read_limited(stream, limit: int, length: "int | None") -> bytes:
+    """The whole body, refused as soon as it passes `limit`, or when it cannot be read to its end
+    (broken chunked encoding, a client gone before the `length` it declared)."""
     pieces = []
     size = 0
     while True:
@@ -138,6 +138,9 @@ def read_limited(stream, limit: int) -> bytes:
             raise BodyRefused(f"The request body could not be read: "
                               f"{type(exc).__name__}.", limit) from None
         if not piece:
+            if length is not None and size < length:
+                raise BodyRefused(f"The request body ended after {size} of the {length} bytes "
+                                  f"its Content-Length declared.", limit)
             return b"".join(pieces)
         size += len(piece)
         if size > limit:

@@ -168,7 +168,7 @@ class Proxy:
         rewrite = self.forced_model and request.method == "POST"
         if length is not None and length > STREAMED_BODY_BYTES and not rewrite:
             return _BodyStream(environ["wsgi.input"], length, on_end)
-        body = access.read_limited(environ["wsgi.input"], self.max_body)
+        body = access.read_limited(environ["wsgi.input"], self.max_body, length)
         if rewrite and body:
             body = force_model(body, self.forced_model)
         return body or None

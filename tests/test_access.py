@@ -346,3 +346,16 @@ def test_a_client_that_stops_before_its_content_length_leaves_no_backend_waiting
         while sock.recv(65536):
             pass
     assert backend.requests() == []
+
+
+def test_a_small_body_cut_short_is_400_and_never_sent_as_if_whole(backend, fwd):
+    with socket.create_connection(("127.0.0.1", fwd.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer sk-first\r\nContent-Length: 1000\r\n\r\n"
+                     b'{"model": "llama", "prompt": "hi"}')
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert status_of(answer) == 400
+    assert backend.requests() == []
