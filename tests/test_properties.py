@@ -19,7 +19,7 @@ ENTRY_PIECES = st.sampled_from([
     "http://", "https://", "ftp://", "dns+", "[", "]", ":", "::", "/", "/v1", "/v1/", "?", "#",
     "@", "%", "%2f", "10.0.0.1", "fd00::5", "fe80::1%eth0", "my-gpu", "host.example.", "_svc",
     "-", ".", "8101", "0", "65535", "65536", "99999999999", "-1", "+1", "\u0663", "\u00e9", " ",
-    "\t", "\x00", "user:pw", "localhost",
+    "\t", "\x00", "\x80", "user:pw", "localhost", "dns+", "DNS+",
 ])
 MESSY_TEXT = st.one_of(st.text(), st.lists(ENTRY_PIECES, max_size=8).map("".join))
 
@@ -29,10 +29,16 @@ MESSY_TEXT = st.one_of(st.text(), st.lists(ENTRY_PIECES, max_size=8).map("".join
 @example("http://h:\u0663", 8101)
 @example("h:+1", 8101)
 @example("http://h/v1/v1", 8101)
+@example("HTTP://0/\x80", 1)
+@example("dns+my-svc:9001", 8101)
 def test_an_ip_entry_gives_a_base_url_or_value_error(entry, default_port):
     try:
         url = backend_list.parse_entry(entry, default_port)
     except ValueError:
+        return
+    if isinstance(url, backend_list.DnsName):
+        assert 1 <= url.port <= 65535 and url.name.isascii()
+        assert backend_list.parse_entry(url.source, default_port) == url
         return
     split = urllib.parse.urlsplit(url)
     assert split.scheme in ("http", "https")
@@ -50,8 +56,9 @@ def test_an_ip_entry_gives_a_base_url_or_value_error(entry, default_port):
 def test_a_backend_list_never_raises(text):
     urls = backend_list.parse_backend_list(text, "ip.txt", 8101)
     assert len(urls) == len(set(urls))
-    for url in urls:
-        assert backend_list.parse_entry(url, 8101) is not None
+    for url in urls:  # each is itself a valid entry
+        entry = url.source if isinstance(url, backend_list.DnsName) else url
+        backend_list.parse_entry(entry, 8101)
 
 
 NUMBERISH = st.sampled_from(["0", "1", "-1", "0.5", "1e3", "1e400", "nan", "inf", "-inf",
