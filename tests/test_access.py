@@ -194,11 +194,13 @@ def test_admin_pages_need_the_admin_key(fwd, path, key):
     assert b"127.0.0.1" not in answer.split(b"\r\n\r\n", 1)[1]
 
 
-def test_admin_key_opens_backends(fwd):
+def test_admin_key_opens_the_admin_pages(fwd):
     with session() as http:
-        response = http.get(fwd.url + "/_backends", headers=bearer(ADMIN_KEY))
-    assert response.status_code == 200
-    assert response.json()["healthy"] == 1
+        pages = {path: http.get(fwd.url + path, headers=bearer(ADMIN_KEY))
+                 for path in ("/_backends", "/_status", "/metrics")}
+    assert {path: r.status_code for path, r in pages.items()} == dict.fromkeys(pages, 200)
+    assert pages["/_backends"].json()["healthy"] == 1
+    assert b"forwarder_" in pages["/metrics"].content
 
 
 # --- MAX_REQUEST_BODY_BYTES ------------------------------------------------------------------
