@@ -62,6 +62,13 @@ graceful_timeout = 60
 keepalive = 75
 # Recycling a worker would cut its live streams.
 max_requests = 0
+# Request-line and header limits, set deliberately (README, "Security"): what an nginx in front
+# passes with its default 8 KB header buffers passes here too; past them gunicorn answers 414 or
+# 431 before the application sees the request. The request line allows long query strings (the
+# most gunicorn accepts); 100 header fields is far above what an SDK sends (about 15).
+limit_request_line = 8190
+limit_request_fields = 100
+limit_request_field_size = 8190
 # gunicorn >= 25 opens a control socket at a fixed per-user path; two instances would clobber it.
 control_socket_disable = True
 # One access log line per request, written once its response has ended, with its request id,
@@ -77,6 +84,13 @@ def post_fork(server, worker):
     import gevent
 
     gevent.spawn(_run_worker_services, worker.cfg.worker_connections)
+
+
+def post_request(worker, req, environ, resp):
+    # A refused upload (`413`, forwarder/access.py) ends its connection here: gunicorn would
+    # otherwise read the rest of its body, however long, to reach the next request.
+    if environ.get("forwarder.close_connection"):
+        req.must_close = True
 
 
 def _run_worker_services(worker_connections):

@@ -4,7 +4,7 @@ from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Rule
 
-from . import telemetry
+from . import access, telemetry
 from .errors import error_response
 from .proxy import Proxy
 from .registry import REGISTRY, Registry
@@ -20,6 +20,7 @@ def create_app(settings, registry: Registry = REGISTRY) -> Flask:
     # later is forwarded too (Flask's own `route` would limit it to GET and answer OPTIONS itself).
     app.url_map.add(Rule("/v1/<path:subpath>", endpoint="proxy", strict_slashes=False))
     app.view_functions["proxy"] = Proxy(settings, registry)
+    access.install(app, settings)
 
     @app.get("/_backends")
     def backends():

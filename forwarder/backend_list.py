@@ -72,6 +72,9 @@ def parse_entry(entry: str, default_port: int) -> "str | DnsName":
     ValueError says why it cannot be understood."""
     if any(c.isspace() for c in entry):
         raise ValueError("spaces inside the entry")
+    if not (entry.isascii() and entry.isprintable()):
+        # A URL path would carry them on to every request; host names are ASCII (`xn--` for IDN).
+        raise ValueError("non-ASCII or control characters in the entry")
     if entry[:len(DNS_PREFIX)].lower() == DNS_PREFIX:
         return _dns_name(entry[len(DNS_PREFIX):], default_port)
     if "://" in entry:

@@ -15,7 +15,7 @@ import urllib.parse
 
 from flask import Response, request
 
-from . import relay, request_id, telemetry, upstream
+from . import access, relay, request_id, telemetry, upstream
 from .client_watch import ClientGone, ClientWatch
 from .errors import error_response
 from .registry import Registry
@@ -27,12 +27,27 @@ class RelayedResponse(Response):
     default_mimetype = None
 
 
+# A path still percent-encoded after this many rounds of decoding is refused.
+_MAX_DECODINGS = 3
+
+
+def _decoded(path: str) -> "str | None":
+    """The path decoded until nothing is left to decode, or None: `%252e` is `.` to anything
+    that decodes twice (a proxy before the backend, a backend's own router)."""
+    for _ in range(_MAX_DECODINGS):
+        decoded = urllib.parse.unquote(path)
+        if decoded == path:
+            return decoded
+        path = decoded
+    return None
+
+
 def upstream_target(raw_uri: str) -> "str | None":
     """The path and query to request from the backend: the client's own bytes, or None when the
     path would leave `/v1/` once decoded and normalised (the backend must see nothing else)."""
     split = urllib.parse.urlsplit(raw_uri)
-    decoded = urllib.parse.unquote(split.path)
-    if "\\" in decoded or "\x00" in decoded:
+    decoded = _decoded(split.path)
+    if decoded is None or "\\" in decoded or "\x00" in decoded:
         return None
     if not posixpath.normpath(decoded).startswith("/v1/"):
         return None
@@ -45,12 +60,17 @@ def force_model(body: bytes, model: str) -> bytes:
         return body
     try:
         document = json.loads(body)
-    except ValueError:
-        return body  # not JSON after all: the backend will say what is wrong with it
+    except (ValueError, RecursionError):
+        # Not JSON after all, or nested too deep to parse: the backend will say what is wrong.
+        return body
     if not isinstance(document, dict):
         return body
     document["model"] = model
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+    try:
+        return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (`"\\ud800"`) has no UTF-8 form: keep it escaped, as it came.
+        return json.dumps(document, separators=(",", ":")).encode()
 
 
 class _BodyStream:
@@ -93,6 +113,8 @@ class Proxy:
         self.connect_timeout = settings.connect_timeout_seconds
         self.read_timeout = settings.read_timeout_seconds
         self.no_backend_wait = settings.no_backend_wait_seconds
+        self.max_body = settings.max_request_body_bytes
+        self.backend_authorization = access.backend_authorization(settings)
 
     def __call__(self, subpath: str = "") -> Response:
         environ = request.environ
@@ -103,11 +125,16 @@ class Proxy:
                 error_response(400, "The request path must stay under /v1/."))
         client_socket = environ.get("gunicorn.socket")
         watch = ClientWatch(client_socket) if client_socket is not None else None
-        body = self.request_body(environ, watch.start if watch else _nothing)
+        try:
+            body = self.request_body(environ, watch.start if watch else _nothing)
+        except access.BodyRefused as refused:
+            return exchange.finished(refused.response(environ))
         if not isinstance(body, _BodyStream) and watch:
             watch.start()
         headers = relay.request_headers(request.headers)
         headers[request_id.HEADER] = environ[request_id.ENVIRON_KEY]
+        if self.backend_authorization:
+            headers["Authorization"] = self.backend_authorization
         try:
             backend, response = self.send(request.method, target, headers, body, watch, exchange)
         except ClientGone:
@@ -134,12 +161,14 @@ class Proxy:
 
     def request_body(self, environ, on_end):
         """The body to send: streamed from the client when it is large, its length is known and it
-        needs no rewrite (`on_end` is called once it has all been read); read whole otherwise."""
+        needs no rewrite (`on_end` is called once it has all been read); read whole otherwise.
+        `BodyRefused` past MAX_REQUEST_BODY_BYTES or when it cannot be read to its end."""
         length = request.content_length
+        access.check_declared_length(length, self.max_body)
         rewrite = self.forced_model and request.method == "POST"
         if length is not None and length > STREAMED_BODY_BYTES and not rewrite:
             return _BodyStream(environ["wsgi.input"], length, on_end)
-        body = environ["wsgi.input"].read()
+        body = access.read_limited(environ["wsgi.input"], self.max_body, length)
         if rewrite and body:
             body = force_model(body, self.forced_model)
         return body or None

@@ -11,6 +11,7 @@ import ipaddress
 import math
 import os
 import urllib.parse
+import re
 from typing import Any, Callable, Optional
 
 
@@ -74,12 +75,46 @@ def _model_name(value: str) -> Optional[str]:
     return value.strip() or None
 
 
+def _byte_count(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError("not a whole number of bytes") from None
+    if number < 1:
+        raise ValueError("must be 1 byte or more")
+    return number
+
+
+# RFC 6750's `b64token`, the characters a Bearer token may hold.
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+def _api_key(value: str) -> Optional[str]:
+    # Set but empty means unset, as for FORCED_MODEL_NAME.
+    if not value:
+        return None
+    if not _BEARER_TOKEN.fullmatch(value):
+        raise ValueError("a key may hold only letters, digits and - . _ ~ + / (then =)")
+    return value
+
+
+def _api_keys(value: str) -> Optional[tuple]:
+    if not value:
+        return None
+    keys = tuple(key.strip() for key in value.split(","))
+    if not all(keys):
+        raise ValueError("an empty key in the comma-separated list")
+    return tuple(_api_key(key) for key in keys)
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     name: str
     default: Optional[str]
     parse: Callable[[str], Any]
     doc: str
+    # A secret's value never appears in an error message (start-up output ends up in logs).
+    secret: bool = False
 
     @property
     def attribute(self) -> str:
@@ -110,6 +145,17 @@ SETTINGS = (
             "system resolver (`/etc/resolv.conf`, `/etc/hosts`, search domains)"),
     Setting("DNS_TIMEOUT_SECONDS", "5", _positive_seconds,
             "longest wait for one `dns+` lookup; on failure that entry keeps its last addresses"),
+    Setting("FORWARDER_API_KEYS", None, _api_keys,
+            "comma-separated keys; when set, every `/v1/*` request needs "
+            "`Authorization: Bearer <one of them>`, else `401`", secret=True),
+    Setting("BACKEND_API_KEY", None, _api_key,
+            "when set, sent to backends as `Authorization: Bearer <it>` in place of the client's "
+            "header; when unset the client's header passes through", secret=True),
+    Setting("ADMIN_API_KEY", None, _api_key,
+            "when set, `/_backends`, `/_status` and `/metrics` need "
+            "`Authorization: Bearer <it>`, else `401`", secret=True),
+    Setting("MAX_REQUEST_BODY_BYTES", "67108864", _byte_count,
+            "a larger request body gets `413` without being read whole (chunked uploads too)"),
 )
 
 Settings = dataclasses.make_dataclass(
@@ -130,5 +176,6 @@ def load(environ=None) -> "Settings":
             values[setting.attribute] = setting.parse(raw.strip())
         except (ValueError, OSError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise SettingError(f"{setting.name}={raw!r}: {reason}") from None
+            shown = "<hidden>" if setting.secret else repr(raw)
+            raise SettingError(f"{setting.name}={shown}: {reason}") from None
     return Settings(**values)

@@ -141,7 +141,7 @@ class Exchange:
             headers.setdefault(name.lower(), []).append(value)
         try:
             parsed = json.loads(body) if body else None
-        except ValueError:
+        except (ValueError, RecursionError):  # vLLM answers 400 to JSON nested too deep, too
             parsed = None
         self.json = parsed if isinstance(parsed, dict) else None
         state.requests.append({
