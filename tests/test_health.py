@@ -105,11 +105,18 @@ def test_unhealthy_backend_gets_no_requests_until_it_recovers(fake_backend, forw
 def test_two_workers_each_poll_and_serve(fake_backend, forwarder):
     backend = fake_backend()
     fwd = forwarder([backend.url], workers=2, wait_healthy=1)
-    for _ in range(20):
-        # A fresh connection each time, so either worker may take it: every one must answer
-        # from a registry its own poller filled.
+
+    def healthy_on_a_fresh_connection():
+        # A fresh connection each time, so either worker may take it: each answers from the
+        # registry its own poller fills.
         with requests.Session() as http:
-            assert http.get(fwd.url + "/_backends").json()["healthy"] == 1
+            return http.get(fwd.url + "/_backends").json()["healthy"] == 1
+
+    # `wait_healthy` saw one worker's first poll; give the other its own.
+    wait_until(lambda: all(healthy_on_a_fresh_connection() for _ in range(10)), timeout=10)
+    for _ in range(20):
+        assert healthy_on_a_fresh_connection()
+        with requests.Session() as http:
             assert http.get(fwd.url + "/v1/models").status_code == 200
     log = fwd.log()
     assert log.count("Booting worker with pid") == 2
