@@ -13,6 +13,7 @@ import select
 
 import requests
 import requests.adapters
+from requests.structures import CaseInsensitiveDict
 from gevent import monkey
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
@@ -109,13 +110,19 @@ def make_session(pool_maxsize: int) -> requests.Session:
     return session
 
 
+def _transport(session: requests.Session) -> requests.adapters.HTTPAdapter:
+    return session.get_adapter("http://")
+
+
 _session = make_session(DEFAULT_POOL_MAXSIZE)
+_adapter = _transport(_session)
 
 
 def configure(pool_maxsize: int) -> None:
     """Size the connection pool for the worker's concurrency (its `worker_connections`)."""
-    global _session
+    global _session, _adapter
     _session = make_session(pool_maxsize)
+    _adapter = _transport(_session)
 
 
 def describe(exc: BaseException) -> str:
@@ -136,11 +143,22 @@ def send(method: str, url: str, headers: dict, body, connect_timeout: float,
          read_timeout: float):
     """Send one request; the urllib3 response with its body unread, to be read as the raw bytes
     the backend sent (`read1`). After the body's end the connection is back in the pool;
-    `close()` before that closes the connection."""
+    `close()` before that closes the connection.
+
+    The request goes straight to the session's transport adapter, already prepared: `url` is the
+    backend's base URL from `ip.txt` and the client's own path, which gunicorn has checked, and
+    everything `Session.request` adds (re-quoting the URL, merging session cookies, headers and
+    environment settings, hooks, a cookie jar filled from every response) is either unwanted here
+    or switched off. That is ~300 µs of CPU less per request (bench/run.py)."""
+    prepared = requests.PreparedRequest()
+    prepared.method = method
+    prepared.url = url
+    prepared.headers = CaseInsensitiveDict(headers)
+    if body is not None:
+        prepared.headers["Content-Length"] = str(len(body))
+    prepared.body = body
     try:
-        return _session.request(method, url, headers=headers, data=body, stream=True,
-                                allow_redirects=False,
-                                timeout=(connect_timeout, read_timeout)).raw
+        return _adapter.send(prepared, stream=True, timeout=(connect_timeout, read_timeout)).raw
     except requests.ConnectTimeout as exc:
         raise ConnectFailed("timeout") from exc
     except requests.ReadTimeout as exc:
