@@ -113,11 +113,10 @@ class Poller:
             self.registry.record_poll(backend, False, f"HTTP {response.status_code}")
             return
         figures = vllm_metrics.read_load(body.decode("utf-8", "replace"))
-        # Read before recording, so that a backend never turns healthy with its list unknown; on
-        # the connection the `/metrics` poll just kept alive.
-        entries = self.read_models(backend)
         self.registry.record_poll(backend, True, None, figures)
-        self.registry.record_models(backend, entries)
+        # Health is `/metrics` alone: a slow model list must not hold it up. Read on the
+        # connection the `/metrics` poll just kept alive.
+        self.registry.record_models(backend, self.read_models(backend))
 
     def read_models(self, backend: Backend) -> "tuple[dict, ...] | None":
         """The entries of the backend's `/v1/models`, or None (any model) when unreadable."""

@@ -182,10 +182,15 @@ class FakeBackend:
             return recorded
         return [r for r in recorded if r["headers"].get("user-agent") != [POLL_USER_AGENT]]
 
+    def _poll_ids(self):
+        return {r["id"] for r in self._control("GET", "requests")
+                if r["headers"].get("user-agent") == [POLL_USER_AGENT]}
+
     def disconnects(self):
         """Every /v1 response whose client left early: request_id, time, method, path,
-        chunks_sent."""
-        return self._control("GET", "disconnects")
+        chunks_sent (the forwarder's own polls of `/v1/models` left out)."""
+        polls = self._poll_ids()
+        return [d for d in self._control("GET", "disconnects") if d["request_id"] not in polls]
 
     def kill(self):
         """SIGKILL, and reap it."""
