@@ -4,7 +4,8 @@ each backend's `/metrics`.
 One poller greenlet runs in each gunicorn worker (started from `post_fork`, see
 `gunicorn.conf.py`) and is the only writer of that worker's `Registry`. A backend is healthy when
 `GET {base}/metrics` answers 200 within `HEALTH_TIMEOUT_SECONDS`; its load figures are read from
-the body but never decide health.
+the body but never decide health. Each healthy backend's `GET {base}/v1/models` is read too, for
+model-aware routing; a list that cannot be read means "serves any model", never "unhealthy".
 """
 
 import logging
@@ -14,7 +15,7 @@ import gevent
 import gevent.pool
 import requests
 
-from . import backend_list, discovery, upstream, vllm_metrics
+from . import backend_list, discovery, models, upstream, vllm_metrics
 from .registry import Backend, Registry
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,9 @@ log = logging.getLogger(__name__)
 MAX_CONCURRENT_POLLS = 64
 # While requests wait for a backend to come back (NO_BACKEND_WAIT_SECONDS), poll at least this often.
 RECOVERY_POLL_SECONDS = 0.25
+# Sent with every poll, so that a backend's access log (and a test's fake backend) can tell the
+# forwarder's own polls from the requests it relays.
+POLL_USER_AGENT = "vllm-forwarder-health"
 
 
 class Poller:
@@ -37,6 +41,7 @@ class Poller:
         # The relay's kind of session (no cookies, no proxy variables); one kept-alive
         # connection per backend.
         self.session = upstream.make_session(pool_maxsize=1)
+        self.headers = {"User-Agent": POLL_USER_AGENT}
         self.pool = gevent.pool.Pool(MAX_CONCURRENT_POLLS)
         self.list_text = None
         self.entries = []
@@ -95,6 +100,7 @@ class Poller:
         try:
             with gevent.Timeout(self.timeout):
                 response = self.session.get(backend.url + "/metrics", allow_redirects=False,
+                                            headers=self.headers,
                                             timeout=self.timeout)
                 body = response.content
         except gevent.Timeout:
@@ -108,3 +114,16 @@ class Poller:
             return
         figures = vllm_metrics.read_load(body.decode("utf-8", "replace"))
         self.registry.record_poll(backend, True, None, figures)
+        # Health is `/metrics` alone: a slow model list must not hold it up. Read on the
+        # connection the `/metrics` poll just kept alive.
+        self.registry.record_models(backend, self.read_models(backend))
+
+    def read_models(self, backend: Backend) -> "tuple[dict, ...] | None":
+        """The entries of the backend's `/v1/models`, or None (any model) when unreadable."""
+        try:
+            with gevent.Timeout(self.timeout):
+                response = self.session.get(backend.url + "/v1/models", allow_redirects=False,
+                                            headers=self.headers, timeout=self.timeout)
+                return models.read_model_list(response.status_code, response.content)
+        except (gevent.Timeout, requests.RequestException):
+            return None

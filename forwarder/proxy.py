@@ -5,6 +5,13 @@ hop-by-hop headers and, when `FORCED_MODEL_NAME` is set, the `model` field of a 
 body. A backend that cannot be connected to is marked down and another is tried (nothing was sent
 to it); once a request reached a backend it is not sent again, but for a connection closed
 without a byte of answer (the keep-alive race: `upstream.StaleConnectionError`).
+
+A body is never parsed unless something needs what it says: the `FORCED_MODEL_NAME` rewrite; the
+`affinity` policy when no `X-Session-ID` header gives the session key; or model-aware routing when
+the healthy backends do not all serve the same models (when they do, any of them answers vLLM's
+own 404 for a model it lacks, so the `model` field changes nothing). Only then is a POST body read
+whole, whatever its size, and parsed as JSON; multipart bodies (audio) never are.
+`GET /v1/models` is answered from the fleet's merged lists, built once per poll.
 """
 
 import contextlib
@@ -19,7 +26,7 @@ from . import access, relay, request_id, telemetry, upstream
 from .client_watch import ClientGone, ClientWatch
 from .errors import error_response
 from .registry import Registry
-from .routing import pick_backend
+from .routing import SESSION_HEADER, Router, session_key
 
 
 class RelayedResponse(Response):
@@ -54,23 +61,32 @@ def upstream_target(raw_uri: str) -> "str | None":
     return f"{split.path}?{split.query}" if split.query else split.path
 
 
-def force_model(body: bytes, model: str) -> bytes:
-    """The body with its `model` field set, when it is a JSON object; otherwise unchanged."""
+def json_object(body: bytes) -> "dict | None":
+    """The body parsed, when it is a JSON object; None otherwise (the backend will say what is
+    wrong with it)."""
     if not body.lstrip()[:1] == b"{":
-        return body
+        return None
     try:
         document = json.loads(body)
     except (ValueError, RecursionError):
-        # Not JSON after all, or nested too deep to parse: the backend will say what is wrong.
-        return body
-    if not isinstance(document, dict):
-        return body
+        return None  # not JSON after all, or nested too deep: the backend will say what is wrong
+    return document if isinstance(document, dict) else None
+
+
+def with_model(document: dict, model: str) -> bytes:
+    """`document` with its `model` field set, encoded."""
     document["model"] = model
     try:
         return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
     except UnicodeEncodeError:
         # A lone surrogate (`"\\ud800"`) has no UTF-8 form: keep it escaped, as it came.
         return json.dumps(document, separators=(",", ":")).encode()
+
+
+def force_model(body: bytes, model: str) -> bytes:
+    """The body with its `model` field set, when it is a JSON object; otherwise unchanged."""
+    document = json_object(body)
+    return body if document is None else with_model(document, model)
 
 
 class _BodyStream:
@@ -109,6 +125,7 @@ class Proxy:
 
     def __init__(self, settings, registry: Registry):
         self.registry = registry
+        self.router = Router(settings.routing_policy, registry)
         self.forced_model = settings.forced_model_name
         self.connect_timeout = settings.connect_timeout_seconds
         self.read_timeout = settings.read_timeout_seconds
@@ -123,20 +140,32 @@ class Proxy:
         if target is None:
             return exchange.finished(
                 error_response(400, "The request path must stay under /v1/."))
+        view = self.registry.view
+        if request.method == "GET" and request.path == "/v1/models" and view.models_body:
+            return exchange.finished(Response(view.models_body, mimetype="application/json"))
+        session_header = request.headers.get(SESSION_HEADER)
+        wants_document = (request.method == "POST" and request.mimetype != "multipart/form-data"
+                          and (not view.uniform_models
+                               or (self.router.needs_session_key and not session_header)))
         client_socket = environ.get("gunicorn.socket")
         watch = ClientWatch(client_socket) if client_socket is not None else None
         try:
-            body = self.request_body(environ, watch.start if watch else _nothing)
+            body, document = self.request_body(environ, wants_document,
+                                               watch.start if watch else _nothing)
         except access.BodyRefused as refused:
             return exchange.finished(refused.response(environ))
         if not isinstance(body, _BodyStream) and watch:
             watch.start()
+        model = document.get("model") if document else None
+        route = (model if isinstance(model, str) else None,
+                 session_key(session_header, document) if self.router.needs_session_key else None)
         headers = relay.request_headers(request.headers)
         headers[request_id.HEADER] = environ[request_id.ENVIRON_KEY]
         if self.backend_authorization:
             headers["Authorization"] = self.backend_authorization
         try:
-            backend, response = self.send(request.method, target, headers, body, watch, exchange)
+            backend, response = self.send(request.method, target, headers, body, watch, exchange,
+                                          route)
         except ClientGone:
             watch.stop()
             telemetry.client_disconnected()
@@ -159,29 +188,40 @@ class Proxy:
             relayed.call_on_close(watch.stop)
         return exchange.finished(relayed)
 
-    def request_body(self, environ, on_end):
-        """The body to send: streamed from the client when it is large, its length is known and it
-        needs no rewrite (`on_end` is called once it has all been read); read whole otherwise.
-        `BodyRefused` past MAX_REQUEST_BODY_BYTES or when it cannot be read to its end."""
+    def request_body(self, environ, wants_document: bool, on_end):
+        """(the body to send, the body's JSON object or None). The body is streamed from the
+        client when it is large, its length is known and nothing needs to read it (`on_end` is
+        called once it has all been read); it is read whole otherwise, and parsed when there is a
+        `model` to force or routing `wants_document`. `BodyRefused` past MAX_REQUEST_BODY_BYTES
+        or when it cannot be read to its end."""
         length = request.content_length
         access.check_declared_length(length, self.max_body)
         rewrite = self.forced_model and request.method == "POST"
-        if length is not None and length > STREAMED_BODY_BYTES and not rewrite:
-            return _BodyStream(environ["wsgi.input"], length, on_end)
+        if (length is not None and length > STREAMED_BODY_BYTES and not rewrite
+                and not wants_document):
+            return _BodyStream(environ["wsgi.input"], length, on_end), None
         body = access.read_limited(environ["wsgi.input"], self.max_body, length)
-        if rewrite and body:
-            body = force_model(body, self.forced_model)
-        return body or None
+        document = json_object(body) if body and (rewrite or wants_document) else None
+        if rewrite and document is not None:
+            body = with_model(document, self.forced_model)
+        return body or None, document
 
-    def send(self, method, target, headers, body, watch, exchange):
-        """Send to a healthy backend, trying others while connections cannot be opened and waiting
-        up to NO_BACKEND_WAIT_SECONDS for one to come back; `_Failed` carries the error answer."""
+    def send(self, method, target, headers, body, watch, exchange, route):
+        """Send to a healthy backend serving the model, chosen by the routing policy (`route` is
+        the model and the session key), trying others while connections cannot be opened and
+        waiting up to NO_BACKEND_WAIT_SECONDS for one to come back; `_Failed` carries the error
+        answer."""
+        model, key = route
         deadline = time.monotonic() + self.no_backend_wait
         tried = []
         stale_retried = False
         attempts = 0
         while True:
-            backend = pick_backend(self.registry.healthy, tried)
+            view = self.registry.view
+            group = view.serving(model)
+            if view.healthy and not group.members:
+                raise _Failed(404, f"The model `{model}` does not exist.")
+            backend = self.router.pick(group, key, tried)
             if backend is None:
                 remaining = deadline - time.monotonic()
                 with watch or contextlib.nullcontext():

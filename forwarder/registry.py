@@ -1,9 +1,9 @@
 """The worker's view of the fleet: one `Backend` per base URL, and the `Registry` that holds them.
 
-The health poller is the only writer of scraped figures and of the backend list; the request path
-reads `Registry.healthy` (a tuple rebuilt only when health changes, so picking a backend costs no
-scan), marks a backend down at once when it cannot be reached, and may wait for a backend to come
-back. Everything runs in one gevent worker's greenlets, so no locks are needed.
+The health poller is the only writer of scraped figures, model lists and the backend list; the
+request path reads `Registry.view` and `Registry.ring` (`fleet.py`: rebuilt only when health, a
+model list or the list changes, so picking a backend costs no scan), marks a backend down at once
+when it cannot be reached, and may wait for a backend to come back. Everything runs in one gevent worker's greenlets, so no locks are needed.
 """
 
 import time
@@ -11,13 +11,15 @@ import time
 from gevent.event import Event
 
 from . import telemetry
+from .fleet import FleetView, HashRing
 
 
 class Backend:
     """One vLLM server, known by its base URL, as last seen by this worker."""
 
     __slots__ = ("url", "source", "healthy", "num_requests_running", "num_requests_waiting",
-                 "last_checked_at", "last_error", "in_flight", "_in_flight_gauge")
+                 "last_checked_at", "last_error", "in_flight", "_in_flight_gauge",
+                 "in_flight_at_poll", "models", "model_entries")
 
     def __init__(self, url: str):
         self.url = url
@@ -30,6 +32,11 @@ class Backend:
         self.last_error = None
         # Requests this worker has sent to the backend and not finished relaying: never stale.
         self.in_flight = 0
+        # `in_flight` when the figures were last scraped: those requests are in the figures.
+        self.in_flight_at_poll = 0
+        # The ids and entries of its `/v1/models` list; None while unknown, which means "any".
+        self.models = None
+        self.model_entries = None
         # The same count summed over every worker, for /metrics.
         self._in_flight_gauge = telemetry.in_flight_gauge(url)
 
@@ -54,6 +61,7 @@ class Backend:
             "last_checked_at": self.last_checked_at,
             "last_error": self.last_error,
             "in_flight": self.in_flight,
+            "models": None if self.models is None else list(self.models),
         }
 
 
@@ -62,7 +70,9 @@ class Registry:
 
     def __init__(self):
         self._backends = {}
-        self.healthy = ()
+        self.view = FleetView(())
+        self.healthy = self.view.healthy
+        self.ring = HashRing(())
         self.first_cycle_done = False
         self._some_healthy = Event()
         # Set by a request that found nothing healthy: the poller polls again at once.
@@ -80,6 +90,7 @@ class Registry:
         self._backends = {url: self._backends.get(url) or Backend(url) for url in urls}
         for url, backend in self._backends.items():
             backend.source = sources.get(url)
+        self.ring = HashRing(self._backends.values())
         self._refresh_healthy()
 
     def record_poll(self, backend: Backend, healthy: bool, error: "str | None",
@@ -87,9 +98,18 @@ class Registry:
         figures = figures or {}
         backend.num_requests_running = figures.get("num_requests_running")
         backend.num_requests_waiting = figures.get("num_requests_waiting")
+        backend.in_flight_at_poll = backend.in_flight
         backend.last_checked_at = time.time()
         backend.last_error = error
         self._set_health(backend, healthy)
+
+    def record_models(self, backend: Backend, entries: "tuple[dict, ...] | None") -> None:
+        """The model entries its `/v1/models` just listed, or None when they could not be read."""
+        if entries == backend.model_entries:
+            return
+        backend.model_entries = entries
+        backend.models = None if entries is None else tuple(e["id"] for e in entries)
+        self._refresh_healthy()
 
     def mark_unreachable(self, backend: Backend, error: str) -> None:
         """A request could not connect: take the backend out of rotation until a poll succeeds."""
@@ -113,7 +133,8 @@ class Registry:
             self._refresh_healthy()
 
     def _refresh_healthy(self) -> None:
-        self.healthy = tuple(b for b in self._backends.values() if b.healthy)
+        self.view = FleetView(self._backends.values())
+        self.healthy = self.view.healthy
         if self.healthy:
             self._some_healthy.set()
         else:

@@ -1,9 +1,139 @@
-"""Choosing the backend for one request among the healthy ones."""
+"""Choosing the backend for one request: the `ROUTING_POLICY`, applied to the fleet's view.
 
+- `random`: any candidate, uniformly.
+- `least_loaded`: the candidate with the least load, ties broken at random. A backend's load is
+  its scraped `num_requests_waiting` + `num_requests_running` plus this worker's own requests in
+  flight to it, which is never stale (the scraped figures already count the requests this worker
+  had in flight when they were read; those are not counted twice). Because each pick raises the
+  chosen backend's in-flight count at once, a burst between two polls spreads request by request
+  instead of piling onto the backend that looked idlest at the last poll. (Two random choices, the
+  usual remedy for stale figures, measured worse here: `bench/fleet_sim.py`, README.)
+- `affinity`: consistent hashing with bounded loads. A session key maps to its home on the ring;
+  a backend is skipped when taking the request would lift its load over 1.25 × the average
+  (`load + 1 > 1.25 × (total load + 1) / candidates`), so a session moves when its backend is
+  down or overloaded. A session that moved is remembered
+  and stays where it moved (its prefix cache is there now) until that backend is down or over the
+  bound too.
+
+Candidates are the healthy backends that serve the request's model (`FleetView.serving`).
+"""
+
+import json
 import random
+from collections import OrderedDict
+
+from .fleet import Group, stable_hash
+
+POLICIES = ("random", "least_loaded", "affinity")
+
+SESSION_HEADER = "X-Session-ID"
+# Bounded load: no backend takes a session while over this multiple of the average load.
+LOAD_BOUND = 1.25
+# Sessions remembered away from their ring home; the least recently used are forgotten first.
+MAX_MOVED_SESSIONS = 65536
+# The start of a text prompt that keys a session. Each turn of a conversation sent as one growing
+# prompt keeps the same key once its first turn is this long; shorter prompts are cheap to
+# prefill again, so losing their cache costs little.
+PROMPT_KEY_CHARS = 256
 
 
-def pick_backend(healthy, tried=()):
-    """A random healthy backend not tried yet for this request, or None."""
-    candidates = [b for b in healthy if b not in tried] if tried else healthy
-    return random.choice(candidates) if candidates else None
+def load(backend) -> float:
+    """Requests queued at or running on the backend, as far as this worker knows: the scraped
+    figures, less this worker's own requests that they already counted, plus this worker's
+    requests in flight now."""
+    scraped = (backend.num_requests_running or 0) + (backend.num_requests_waiting or 0)
+    return max(0, scraped - backend.in_flight_at_poll) + backend.in_flight
+
+
+def session_key(header: "str | None", document: "dict | None") -> "str | None":
+    """The key that keeps a conversation on one backend: the `X-Session-ID` header, else the
+    body's `user`, else the start of the prompt (the chat messages up to the first user message,
+    or the first `PROMPT_KEY_CHARS` of a text prompt); None when there is none."""
+    if header:
+        return "header:" + header
+    if document is None:
+        return None
+    user = document.get("user")
+    if isinstance(user, str) and user:
+        return "user:" + user
+    messages = document.get("messages")
+    if isinstance(messages, list) and messages:
+        opening = []
+        for message in messages:
+            opening.append(message)
+            if isinstance(message, dict) and message.get("role") == "user":
+                break
+        return "messages:" + json.dumps(opening, sort_keys=True)
+    prompt = document.get("prompt", document.get("input"))
+    if isinstance(prompt, list) and prompt:
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        return "prompt:" + prompt[:PROMPT_KEY_CHARS]
+    if prompt:
+        return "prompt:" + json.dumps(prompt)[:PROMPT_KEY_CHARS]
+    return None
+
+
+class Router:
+    """One worker's routing policy and, for `affinity`, the sessions it moved."""
+
+    def __init__(self, policy: str, registry):
+        self.registry = registry
+        self.needs_session_key = policy == "affinity"
+        self._policy = {"random": self._random, "least_loaded": self._least_loaded,
+                        "affinity": self._affinity}[policy]
+        self._moved = OrderedDict()
+
+    def pick(self, group: Group, key: "str | None", tried=()):
+        """A backend of `group` not tried yet for this request, or None."""
+        if tried:
+            group = group.without(tried)
+        if len(group.members) < 2:
+            return group.members[0] if group.members else None
+        return self._policy(group, key)
+
+    @staticmethod
+    def _random(group: Group, key):
+        return random.choice(group.members)
+
+    @staticmethod
+    def _least_loaded(group: Group, key):
+        members = group.members
+        # `min` keeps the first of equals: starting at a random place breaks ties at random.
+        start = random.randrange(len(members))
+        return min(members[start:] + members[:start], key=load)
+
+    def _affinity(self, group: Group, key):
+        if key is None:
+            return self._least_loaded(group, None)
+        loads = {backend: load(backend) for backend in group.members}
+        # The bound: with this request, no more than LOAD_BOUND × the average (but room for one
+        # request even on an idle fleet).
+        bound = max(1.0, LOAD_BOUND * (sum(loads.values()) + 1) / len(loads))
+        moved = self._moved.get(key)
+        if moved in loads and loads[moved] + 1 <= bound:
+            self._moved.move_to_end(key)
+            return moved
+        # The home is the key's first backend on the ring, a candidate or not: a session that
+        # had to leave it (down, tried, overloaded) is remembered where it went. When every
+        # candidate is at the bound (a small, evenly loaded fleet), the least loaded one nearest
+        # the home takes it.
+        home = chosen = lightest = None
+        for backend in self.registry.ring.walk(stable_hash(key.encode())):
+            home = home or backend
+            if backend not in loads:
+                continue
+            if loads[backend] + 1 <= bound:
+                chosen = backend
+                break
+            if lightest is None or loads[backend] < loads[lightest]:
+                lightest = backend
+        chosen = chosen or lightest
+        if chosen is home:
+            self._moved.pop(key, None)
+        else:
+            self._moved[key] = chosen
+            self._moved.move_to_end(key)
+            if len(self._moved) > MAX_MOVED_SESSIONS:
+                self._moved.popitem(last=False)
+        return chosen

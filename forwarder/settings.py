@@ -14,6 +14,8 @@ import urllib.parse
 import re
 from typing import Any, Callable, Optional
 
+from .routing import POLICIES
+
 
 class SettingError(Exception):
     """A setting's value cannot be used; the message is one line for the operator."""
@@ -107,6 +109,12 @@ def _api_keys(value: str) -> Optional[tuple]:
     return tuple(_api_key(key) for key in keys)
 
 
+def _routing_policy(value: str) -> str:
+    if value not in POLICIES:
+        raise ValueError(f"must be one of {', '.join(POLICIES)}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     name: str
@@ -156,6 +164,8 @@ SETTINGS = (
             "`Authorization: Bearer <it>`, else `401`", secret=True),
     Setting("MAX_REQUEST_BODY_BYTES", "67108864", _byte_count,
             "a larger request body gets `413` without being read whole (chunked uploads too)"),
+    Setting("ROUTING_POLICY", "random", _routing_policy,
+            "how a backend is chosen: `random`, `least_loaded` or `affinity` (see Routing)"),
 )
 
 Settings = dataclasses.make_dataclass(

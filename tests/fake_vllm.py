@@ -51,6 +51,7 @@ DEFAULTS = {
     "metrics_status": 200,
     "metrics_delay": 0,  # seconds before /metrics answers
     "models": ["llama-3.1-8b", "llama"],
+    "models_status": 200,  # another status makes GET /v1/models answer vLLM's error JSON
     "strict_models": False,  # a request naming another model gets vLLM's 404
     "fail_status": None,  # every /v1 request answers this status with vLLM's error JSON
     "fail_headers": {},  # extra headers on those error responses
@@ -60,7 +61,7 @@ DEFAULTS = {
     "tokens": 5,  # content events per stream (the request's max_tokens overrides it)
     "stall_after": None,  # a stream goes silent forever after this many content events
     "die_after": None,  # the process exits after this many content events of a stream
-    "die_mid_body": False,  # a non-streamed body: half of it is sent, then the process exits
+    "die_mid_body": False,  # a non-streamed POST answer: half is sent, then the process exits
     "gzip": False,  # non-streamed bodies are gzip-compressed for clients that accept it
     "set_cookies": [],  # each becomes its own Set-Cookie header on /v1 responses
     # vLLM's --enable-request-id-headers: /v1 responses carry X-Request-Id, the request's own or
@@ -301,7 +302,8 @@ class App:
                     chunks = gzip.compress(chunks, mtime=0)
                     response_headers.append(("Content-Encoding", "gzip"))
                 response_headers.append(("Content-Length", str(len(chunks))))
-                chunks = half_then_die(chunks) if config["die_mid_body"] else [chunks]
+                dies = config["die_mid_body"] and environ["REQUEST_METHOD"] == "POST"
+                chunks = half_then_die(chunks) if dies else [chunks]
             start_response(f"{status} {http.HTTPStatus(status).phrase}", response_headers)
             return exchange.body(chunks)
 
@@ -327,6 +329,8 @@ class App:
 
         method, path = environ["REQUEST_METHOD"], environ["PATH_INFO"]
         if (method, path) == ("GET", "/v1/models"):
+            if config["models_status"] != 200:
+                return error(config["models_status"], "models unavailable")
             return send(200, dumps(self.models()).encode())
         if method == "POST" and path in ("/v1/chat/completions", "/v1/completions",
                                          "/v1/embeddings"):

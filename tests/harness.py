@@ -19,6 +19,8 @@ from pathlib import Path
 import requests
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The User-Agent of the forwarder's health polls (`forwarder.health.POLL_USER_AGENT`).
+POLL_USER_AGENT = "vllm-forwarder-health"
 LISTENING = re.compile(r"fake vllm listening on http://\S+:(\d+)")
 
 
@@ -171,15 +173,24 @@ class FakeBackend:
         """Forget recorded requests and disconnects; config back to the start-up config."""
         return self._control("POST", "reset")
 
-    def requests(self):
+    def requests(self, include_polls=False):
         """Every /v1 request received: dicts with id, time, method, path (raw, with the query),
-        headers (lower-case name -> list of values), body_b64, body_length, body_sha256, json."""
-        return self._control("GET", "requests")
+        headers (lower-case name -> list of values), body_b64, body_length, body_sha256, json.
+        The forwarder's own polls of `/v1/models` are left out unless `include_polls`."""
+        recorded = self._control("GET", "requests")
+        if include_polls:
+            return recorded
+        return [r for r in recorded if r["headers"].get("user-agent") != [POLL_USER_AGENT]]
+
+    def _poll_ids(self):
+        return {r["id"] for r in self._control("GET", "requests")
+                if r["headers"].get("user-agent") == [POLL_USER_AGENT]}
 
     def disconnects(self):
         """Every /v1 response whose client left early: request_id, time, method, path,
-        chunks_sent."""
-        return self._control("GET", "disconnects")
+        chunks_sent (the forwarder's own polls of `/v1/models` left out)."""
+        polls = self._poll_ids()
+        return [d for d in self._control("GET", "disconnects") if d["request_id"] not in polls]
 
     def kill(self):
         """SIGKILL, and reap it."""

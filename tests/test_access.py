@@ -268,11 +268,11 @@ def test_a_body_of_exactly_the_limit_passes_whole(backend, fwd, chunked):
 
 def test_set_cookie_reaches_only_its_client_and_is_never_replayed(backend, fwd):
     with session() as first:
-        response = first.get(fwd.url + "/v1/models", headers=bearer("sk-first"))
+        response = first.get(fwd.url + "/v1/models/llama", headers=bearer("sk-first"))
     assert response.raw.headers.getlist("Set-Cookie") == COOKIES
     for _ in range(2):  # other clients, each with an empty cookie jar of its own
         with session() as other:
-            other.get(fwd.url + "/v1/models", headers=bearer("sk-second"))
+            other.get(fwd.url + "/v1/models/llama", headers=bearer("sk-second"))
     seen = backend.requests()
     assert len(seen) == 3
     assert [r for r in seen if "cookie" in r["headers"]] == []
@@ -304,7 +304,7 @@ def test_request_line_and_header_limits(backend, fwd, request_bytes, status):
 
 
 def test_request_line_and_headers_within_the_limits_pass(backend, fwd):
-    path = "/v1/models?q=" + "a" * 8000
+    path = "/v1/models/llama?q=" + "a" * 8000
     headers = {**bearer("sk-first"), "X-Big": "b" * 8000,
                **{f"X-H{i}": "1" for i in range(90)}}
     with session() as http:

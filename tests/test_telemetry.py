@@ -138,9 +138,9 @@ def test_metrics_add_up_over_workers_and_survive_a_worker_crash(fake_backend, fo
 
     def both_workers_served():
         nonlocal sent
-        assert get(fwd.url + "/v1/models").status_code == 200
+        assert get(fwd.url + "/v1/models/llama").status_code == 200
         sent += 1
-        pids = {line["pid"] for line in access_lines(fwd) if line["path"] == "/v1/models"}
+        pids = {line["pid"] for line in access_lines(fwd) if line["path"] == "/v1/models/llama"}
         return sent >= 5 and len(pids) == 2
 
     wait_until(both_workers_served, timeout=15, message="one worker served every request")
@@ -199,7 +199,7 @@ def test_metrics_add_up_over_workers_and_survive_a_worker_crash(fake_backend, fo
     backend.configure(stall_after=None)
     samples = expected(scrape(fwd))
     assert requests_counted(samples) == scrapes[0]
-    assert get(fwd.url + "/v1/models").status_code == 200
+    assert get(fwd.url + "/v1/models/llama").status_code == 200
     assert value(scrape(fwd), "forwarder_requests_total", **labels) == sent + 1
 
 
@@ -220,21 +220,21 @@ def test_retries_health_and_errors_by_backend(fake_backend, forwarder):
 
     first.kill()
     for sent in range(1, 41):
-        response = get(fwd.url + "/v1/models")
+        response = get(fwd.url + "/v1/models/llama")
         assert response.status_code == 200
         if value(scrape(fwd), "forwarder_retries_total") == 1:
             break
     else:
         pytest.fail("no request was retried on the other backend")
-    assert get(fwd.url + "/v1/models").status_code == 200
+    assert get(fwd.url + "/v1/models/llama").status_code == 200
     samples = scrape(fwd)
     assert value(samples, "forwarder_retries_total") == 1  # the dead one is out of rotation
     assert value(samples, "forwarder_backend_healthy", backend=first.url) == 0
     assert value(samples, "forwarder_backend_healthy", backend=second.url) == 1
 
     second.kill()
-    assert get(fwd.url + "/v1/models").status_code == 502
-    assert get(fwd.url + "/v1/models").status_code == 503
+    assert get(fwd.url + "/v1/models/llama").status_code == 502
+    assert get(fwd.url + "/v1/models/llama").status_code == 503
     counted = requests_counted(scrape(fwd))
     by = {(dict(k)["backend"], dict(k)["endpoint"], dict(k)["status"]): v
           for k, v in counted.items()}
@@ -264,9 +264,9 @@ def served(tmp_path_factory):
 def test_request_id_is_kept_sent_upstream_and_returned(served):
     backend, fwd = served
     backend.reset()
-    kept = get(fwd.url + "/v1/models", headers={"X-Request-Id": "trace-42:abc"})
-    made = get(fwd.url + "/v1/models")
-    replaced = get(fwd.url + "/v1/models", headers={"X-Request-Id": "x" * 500})
+    kept = get(fwd.url + "/v1/models/llama", headers={"X-Request-Id": "trace-42:abc"})
+    made = get(fwd.url + "/v1/models/llama")
+    replaced = get(fwd.url + "/v1/models/llama", headers={"X-Request-Id": "x" * 500})
     seen = [r["headers"]["x-request-id"] for r in backend.requests()]
     assert seen[0] == ["trace-42:abc"]
     for response, upstream in zip((kept, made, replaced), seen):
@@ -353,7 +353,7 @@ def _queries(node):
 
 def test_dashboard_queries_name_exported_metrics(served):
     backend, fwd = served
-    assert get(fwd.url + "/v1/models").status_code == 200  # so that the histograms exist
+    assert get(fwd.url + "/v1/models/llama").status_code == 200  # so that the histograms exist
     exported = {name for name, _ in scrape(fwd)}
     dashboard = json.loads(DASHBOARD.read_text())
     panels = [p for p in dashboard["panels"] if p.get("type") != "row"]
@@ -409,7 +409,7 @@ def test_an_operators_access_log_format_is_honoured(tmp_path):
 
 def test_readme_lists_every_metric_and_endpoint(served):
     backend, fwd = served
-    assert get(fwd.url + "/v1/models").status_code == 200
+    assert get(fwd.url + "/v1/models/llama").status_code == 200
     response = get(fwd.url + "/metrics")
     families = {f.name for f in text_string_to_metric_families(response.text)}
     readme = (REPO_ROOT / "README.md").read_text()

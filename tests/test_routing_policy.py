@@ -1,0 +1,83 @@
+"""Unit tests for the routing policies, the hash ring and the session key."""
+
+import collections
+
+from forwarder.fleet import FleetView, HashRing, stable_hash
+from forwarder.registry import Backend, Registry
+from forwarder.routing import Router, session_key
+
+
+def fleet(count):
+    registry = Registry()
+    registry.set_list([f"http://10.0.0.{i}:8101" for i in range(count)])
+    for backend in registry.backends():
+        registry.record_poll(backend, True, None, {"num_requests_running": 0,
+                                                   "num_requests_waiting": 0})
+    return registry
+
+
+def test_session_key_sources_in_order():
+    assert session_key("s1", {"user": "u"}) == "header:s1"
+    assert session_key(None, {"user": "u", "prompt": "p"}) == "user:u"
+    opening = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    later = opening + [{"role": "assistant", "content": "a"}, {"role": "user", "content": "r"}]
+    assert session_key(None, {"messages": opening}) == session_key(None, {"messages": later})
+    assert session_key(None, {"messages": opening}) != session_key(
+        None, {"messages": [{"role": "user", "content": "other"}]})
+    long_prompt = "x" * 300
+    assert session_key(None, {"prompt": long_prompt}) == session_key(
+        None, {"prompt": long_prompt + " and the next turn"})
+    assert session_key(None, {"model": "m"}) is None
+    assert session_key(None, None) is None
+
+
+def test_ring_moves_only_the_keys_of_a_removed_backend():
+    backends = [Backend(f"http://10.0.0.{i}:8101") for i in range(8)]
+    keys = [stable_hash(f"k{i}".encode()) for i in range(4000)]
+    before = HashRing(backends)
+    after = HashRing(backends[1:])
+    homes = [next(before.walk(k)) for k in keys]
+    share = collections.Counter(homes)
+    assert max(share.values()) < 1.6 * len(keys) / len(backends)
+    for key, home in zip(keys, homes):
+        if home is not backends[0]:
+            assert next(after.walk(key)) is home
+
+
+def test_affinity_never_exceeds_the_load_bound():
+    registry = fleet(4)
+    router = Router("affinity", registry)
+    group = registry.view.serving(None)
+    # Every request names the same session: bounded load must still spread them.
+    for _ in range(100):
+        loads = [b.in_flight for b in group.members]
+        chosen = router.pick(group, "one-hot-session")
+        bound = max(1, 1.25 * (sum(loads) + 1) / 4)
+        assert chosen.in_flight + 1 <= bound or chosen.in_flight == min(loads)
+        chosen.in_flight += 1
+    assert max(b.in_flight for b in group.members) <= 1.25 * 100 / 4
+
+
+def test_least_loaded_prefers_the_least_loaded_and_breaks_ties_at_random():
+    registry = fleet(3)
+    busy, idle, other = registry.backends()
+    busy.num_requests_waiting = 5
+    other.in_flight = 1
+    router = Router("least_loaded", registry)
+    group = registry.view.serving(None)
+    assert {router.pick(group, None) for _ in range(50)} == {idle}
+    assert router.pick(group, None, tried=[idle]) is other
+    other.in_flight = 0
+    assert {router.pick(group, None) for _ in range(50)} == {idle, other}
+
+
+def test_fleet_view_groups_by_model():
+    registry = fleet(3)
+    a, b, anything = registry.backends()
+    registry.record_models(a, ({"id": "m1"},))
+    registry.record_models(b, ({"id": "m2"},))
+    view = registry.view
+    assert not view.uniform_models
+    assert set(view.serving("m1").members) == {a, anything}
+    assert set(view.serving("nope").members) == {anything}
+    assert isinstance(view, FleetView) and view.models_body.startswith(b'{"object":"list"')
