@@ -53,6 +53,8 @@ def upstream_target(raw_uri: str) -> "str | None":
     """The path and query to request from the backend: the client's own bytes, or None when the
     path would leave `/v1/` once decoded and normalised (the backend must see nothing else)."""
     split = urllib.parse.urlsplit(raw_uri)
+    if not split.path.startswith("/"):
+        return None  # appended to the backend's base URL, it would change the host
     decoded = _decoded(split.path)
     if decoded is None or "\\" in decoded or "\x00" in decoded:
         return None
