@@ -140,8 +140,10 @@ class Proxy:
         exchange = telemetry.Exchange(environ, subpath)
         target = upstream_target(environ.get("RAW_URI") or request.full_path)
         if target is None:
-            return exchange.finished(
-                error_response(400, "The request path must stay under /v1/."))
+            # Its body is never read: end the connection without losing the answer to a reset.
+            return exchange.finished(access.refuse_body(
+                error_response(400, "The request path must stay under /v1/."), environ,
+                self.max_body))
         view = self.registry.view
         if request.method == "GET" and request.path == "/v1/models" and view.models_body:
             return exchange.finished(Response(view.models_body, mimetype="application/json"))
