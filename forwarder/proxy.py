@@ -85,12 +85,6 @@ def with_model(document: dict, model: str) -> bytes:
         return json.dumps(document, separators=(",", ":")).encode()
 
 
-def force_model(body: bytes, model: str) -> bytes:
-    """The body with its `model` field set, when it is a JSON object; otherwise unchanged."""
-    document = json_object(body)
-    return body if document is None else with_model(document, model)
-
-
 class _BodyStream:
     """A request body of known length, read from the client while it is sent to the backend, so
     a large upload is never held in memory. Nothing is read before the backend connection is

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import example, given, settings as hypothesis_settings, strategies as st
 
 from forwarder import backend_list, settings
-from forwarder.proxy import force_model, upstream_target
+from forwarder.proxy import json_object, upstream_target, with_model
 
 # Text that looks like what an operator or an attacker would type, plus anything at all.
 ENTRY_PIECES = st.sampled_from([
@@ -154,10 +154,12 @@ JSON_VALUES = st.recursive(
                  st.builds(lambda v: b"{" + v, st.binary())))
 @example(b'{"a": ' + b"[" * 100000 + b"]" * 100000 + b"}")
 @example(b'{"content": "\\ud800"}')
-def test_force_model_never_raises_and_only_sets_model(body):
-    rewritten = force_model(body, "forced")
-    if rewritten is body:
+def test_forcing_the_model_never_raises_and_only_sets_model(body):
+    # What the proxy does with FORCED_MODEL_NAME: parse, and rewrite only a JSON object.
+    parsed = json_object(body)
+    if parsed is None:
         return
+    rewritten = with_model(parsed, "forced")
     original, document = json.loads(body), json.loads(rewritten)
     assert document.pop("model") == "forced"
     original.pop("model", None)
