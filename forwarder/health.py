@@ -81,7 +81,7 @@ class Poller:
                 gevent.sleep(gap)
             self.pool.spawn(self.check, backend)
         self.pool.join()
-        self.registry.first_cycle_done = True
+        self.registry.first_cycle.set()
 
     def reload_list(self) -> None:
         try:

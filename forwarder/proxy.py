@@ -126,6 +126,7 @@ class Proxy:
         self.connect_timeout = settings.connect_timeout_seconds
         self.read_timeout = settings.read_timeout_seconds
         self.no_backend_wait = settings.no_backend_wait_seconds
+        self.first_poll_wait = settings.health_timeout_seconds + settings.dns_timeout_seconds
         self.max_body = settings.max_request_body_bytes
         self.backend_authorization = access.backend_authorization(settings)
 
@@ -221,6 +222,13 @@ class Proxy:
                 raise _Failed(404, f"The model `{model}` does not exist.")
             backend = self.router.pick(group, key, tried)
             if backend is None:
+                if not self.registry.first_cycle_done:
+                    # A worker that has just started knows nothing yet: its first poll decides,
+                    # rather than a blind 503 to the requests it accepted meanwhile.
+                    with watch or contextlib.nullcontext():
+                        self.registry.first_cycle.wait(self.first_poll_wait)
+                    if self.registry.first_cycle_done:
+                        continue
                 remaining = deadline - time.monotonic()
                 with watch or contextlib.nullcontext():
                     came_back = remaining > 0 and self.registry.wait_for_healthy(remaining)

@@ -73,7 +73,8 @@ class Registry:
         self.view = FleetView(())
         self.healthy = self.view.healthy
         self.ring = HashRing(())
-        self.first_cycle_done = False
+        # Set once the worker's first poll cycle has finished: until then nothing is known.
+        self.first_cycle = Event()
         self._some_healthy = Event()
         # Set by a request that found nothing healthy: the poller polls again at once.
         self.poll_requested = Event()
@@ -115,6 +116,10 @@ class Registry:
         """A request could not connect: take the backend out of rotation until a poll succeeds."""
         backend.last_error = error
         self._set_health(backend, False)
+
+    @property
+    def first_cycle_done(self) -> bool:
+        return self.first_cycle.is_set()
 
     def wait_for_healthy(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds until some backend is healthy; True if one is."""

@@ -117,7 +117,8 @@ def test_two_workers_each_poll_and_serve(fake_backend, forwarder):
     for _ in range(20):
         assert healthy_on_a_fresh_connection()
         with requests.Session() as http:
-            assert http.get(fwd.url + "/v1/models").status_code == 200
+            response = http.get(fwd.url + "/v1/models")
+            assert response.status_code == 200, response.text
     log = fwd.log()
     assert log.count("Booting worker with pid") == 2
     assert "MonkeyPatchWarning" not in log
