@@ -31,6 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench import load  # noqa: E402  (needs the path above)
+from tests.harness import stop_process  # noqa: E402
 
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -44,21 +45,6 @@ def _spawn(command, log_path, env=None, cpus=None, stdout=None):
     with open(log_path, "ab") as log:
         return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=stdout or log,
                                 stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
-
-
-def _stop(proc, sig=signal.SIGTERM, timeout=10):
-    """`sig` to the process; then SIGKILL its process group (our own: start_new_session)."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def _children(pid):
@@ -102,7 +88,7 @@ class Backend:
         return json.loads(data.split(b"\r\n\r\n", 1)[1])
 
     def stop(self):
-        _stop(self.proc)
+        stop_process(self.proc)
 
 
 def _free_port() -> int:
@@ -159,7 +145,7 @@ class Forwarder:
         return sum(rss_bytes(pid) for pid in [self.proc.pid, *self.workers])
 
     def stop(self):
-        _stop(self.proc, signal.SIGINT)
+        stop_process(self.proc, sig=signal.SIGINT)
 
 
 # --- the table --------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ DEFAULTS = {
     "die_after": None,  # the process exits after this many content events of a stream
     "die_mid_body": False,  # a non-streamed POST answer: half is sent, then the process exits
     "gzip": False,  # non-streamed bodies are gzip-compressed for clients that accept it
+    "drop_next": 0,  # this many /v1 requests get their connection closed without a byte of answer
     "set_cookies": [],  # each becomes its own Set-Cookie header on /v1 responses
     # vLLM's --enable-request-id-headers: /v1 responses carry X-Request-Id, the request's own or
     # a new one
@@ -289,6 +290,10 @@ class App:
     def v1(self, environ, start_response, body):
         config = self.state.config
         exchange = Exchange(self.state, environ, body)
+        if config["drop_next"]:
+            config["drop_next"] -= 1
+            environ["fake.socket"].shutdown(socket.SHUT_RDWR)  # what uvicorn does at shutdown
+            return []
         headers = [("X-Fake-Backend", self.state.name)]
         headers += [("Set-Cookie", cookie) for cookie in config["set_cookies"]]
         if config["request_id_header"]:

@@ -5,6 +5,7 @@ that nobody drains), are waited on through HTTP with a deadline, and are stopped
 `tests/conftest.py` wraps them in fixtures that stop everything even when a test fails.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -70,7 +71,7 @@ def _spawn(command, log_path, env=None):
                                 start_new_session=True)
 
 
-def _stop(proc, timeout, sig=signal.SIGTERM):
+def stop_process(proc, timeout=10, sig=signal.SIGTERM):
     """`sig` by PID; after `timeout` seconds SIGKILL its process group (gunicorn's workers
     too, and any left behind by a master that already died); the exit code."""
     if proc.poll() is None:
@@ -200,7 +201,7 @@ class FakeBackend:
 
     def stop(self):
         """SIGTERM, then SIGKILL after 3 s."""
-        return _stop(self.proc, 3)
+        return stop_process(self.proc, 3)
 
     def restart(self):
         """Stop it if running, then start it again on the same port with the start-up config."""
@@ -260,7 +261,7 @@ class FakeDns:
         return re.findall(r"^question (\S+) (\S+) (\S+)$", self.log(), re.MULTILINE)
 
     def stop(self):
-        return _stop(self.proc, 3)
+        return stop_process(self.proc, 3)
 
 
 class Forwarder:
@@ -365,4 +366,21 @@ class Forwarder:
         """Stop gunicorn, then SIGKILL after `timeout` s; the exit code. By default with SIGINT,
         gunicorn's quick shutdown, which spares tests the graceful drain's one-second ticks;
         `graceful=True` sends SIGTERM, as an orchestrator does."""
-        return _stop(self.proc, timeout, signal.SIGTERM if graceful else signal.SIGINT)
+        return stop_process(self.proc, timeout, signal.SIGTERM if graceful else signal.SIGINT)
+
+
+@contextlib.contextmanager
+def backend_behind_forwarder(tmp_path_factory, backend_config=None, env=None):
+    """A FakeBackend and a Forwarder in front of it, for module-scoped fixtures that share one
+    pair between tests; both are stopped on exit, whatever happened."""
+    backend = FakeBackend.start(config=backend_config,
+                                log_dir=tmp_path_factory.mktemp("fake_vllm"))
+    try:
+        fwd = Forwarder.start([backend.url], env=env, wait_healthy=1,
+                              log_dir=tmp_path_factory.mktemp("forwarder"))
+        try:
+            yield backend, fwd
+        finally:
+            fwd.stop()
+    finally:
+        backend.stop()

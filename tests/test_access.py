@@ -12,7 +12,7 @@ import openai
 import pytest
 import requests
 
-from tests.harness import FakeBackend, Forwarder
+from tests.harness import backend_behind_forwarder
 
 CLIENT_KEYS = ("sk-first", "sk-second")
 ADMIN_KEY = "admin-secret"
@@ -56,21 +56,12 @@ def fake_proxy():
 def setup(tmp_path_factory, fake_proxy):
     """(backend, forwarder): keys, a 1 MB body limit, and every proxy variable pointing at the
     fake proxy."""
-    backend = FakeBackend.start(config={"set_cookies": COOKIES},
-                                log_dir=tmp_path_factory.mktemp("fake_vllm"))
     env = {"FORWARDER_API_KEYS": ",".join(CLIENT_KEYS), "ADMIN_API_KEY": ADMIN_KEY,
            "BACKEND_API_KEY": BACKEND_KEY, "MAX_REQUEST_BODY_BYTES": str(LIMIT),
            "NO_PROXY": None, "no_proxy": None}
     env.update({name: fake_proxy.url for name in PROXY_VARIABLES})
-    try:
-        fwd = Forwarder.start([backend.url], env=env, wait_healthy=1,
-                              log_dir=tmp_path_factory.mktemp("forwarder"))
-    except BaseException:
-        backend.stop()
-        raise
-    yield backend, fwd
-    fwd.stop()
-    backend.stop()
+    with backend_behind_forwarder(tmp_path_factory, {"set_cookies": COOKIES}, env) as pair:
+        yield pair
 
 
 @pytest.fixture

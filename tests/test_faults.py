@@ -123,6 +123,29 @@ def test_502_when_no_backend_can_be_reached(fake_backend, forwarder):
     assert fwd.backends()["healthy"] == 0
 
 
+def test_connection_closed_without_an_answer_is_sent_once_more(fake_backend, forwarder):
+    backend = fake_backend()
+    # No poll during the test: its /v1/models read would take a drop.
+    fwd = forwarder([backend.url], env={"CHECK_INTERVAL_SECONDS": "600"}, wait_healthy=1)
+    wait_until(lambda: status_of(fwd, backend.url)["models"])  # the first cycle is over
+    backend.configure(drop_next=1)
+    with requests.Session() as http:
+        response = http.post(fwd.url + CHAT, json=chat_body())
+        assert response.status_code == 200
+        assert len(backend.requests()) == 2  # dropped unanswered, then answered
+        assert status_of(fwd, backend.url)["healthy"] is True  # it answers: not marked down
+        # Twice in a row is no race: 502, and not a third time.
+        backend.configure(drop_next=2)
+        response = http.post(fwd.url + CHAT, json=chat_body())
+        assert response.status_code == 502
+        assert len(backend.requests()) == 4
+        # A large body was streamed to the backend and is gone: never sent again.
+        backend.configure(drop_next=1)
+        response = http.post(fwd.url + "/v1/files", data=os.urandom(2 * 1024 * 1024))
+        assert response.status_code == 502
+        assert len(backend.requests()) == 5
+
+
 # --- timeouts and broken streams -------------------------------------------------------------
 
 def test_silent_backend_gives_504_before_the_first_byte(fake_backend, forwarder):

@@ -15,7 +15,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from forwarder import request_id, telemetry
-from tests.harness import REPO_ROOT, FakeBackend, Forwarder, wait_until
+from tests.harness import REPO_ROOT, backend_behind_forwarder, wait_until
 
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "forwarder.json"
 ACCESS_LINE = re.compile(r"request_id=\S+ method=\S+ path=\S+ status=\d+ .*")
@@ -248,17 +248,8 @@ def test_retries_health_and_errors_by_backend(fake_backend, forwarder):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """One fake backend that echoes X-Request-Id as vLLM can, behind one forwarder."""
-    backend = FakeBackend.start(config={"request_id_header": True},
-                                log_dir=tmp_path_factory.mktemp("fake_vllm"))
-    try:
-        fwd = Forwarder.start([backend.url], wait_healthy=1,
-                              log_dir=tmp_path_factory.mktemp("forwarder"))
-    except BaseException:
-        backend.stop()
-        raise
-    yield backend, fwd
-    fwd.stop()
-    backend.stop()
+    with backend_behind_forwarder(tmp_path_factory, {"request_id_header": True}) as pair:
+        yield pair
 
 
 def test_request_id_is_kept_sent_upstream_and_returned(served):
