@@ -140,10 +140,11 @@ def describe(exc: BaseException) -> str:
 
 
 def send(method: str, url: str, headers: dict, body, connect_timeout: float,
-         read_timeout: float):
-    """Send one request; the urllib3 response with its body unread, to be read as the raw bytes
-    the backend sent (`read1`). After the body's end the connection is back in the pool;
-    `close()` before that closes the connection.
+         read_timeout: float, session: "requests.Session | None" = None):
+    """Send one request through `session` (the worker's relay session by default); the urllib3
+    response with its body unread, to be read as the raw bytes the backend sent (`read1`, or
+    `read()` for all of it). After the body's end the connection is back in the pool; `close()`
+    before that closes the connection.
 
     The request goes straight to the session's transport adapter, already prepared: `url` is the
     backend's base URL from `ip.txt` and the client's own path, which gunicorn has checked, and
@@ -157,8 +158,9 @@ def send(method: str, url: str, headers: dict, body, connect_timeout: float,
     if body is not None:
         prepared.headers["Content-Length"] = str(len(body))
     prepared.body = body
+    adapter = _adapter if session is None else _transport(session)
     try:
-        return _adapter.send(prepared, stream=True, timeout=(connect_timeout, read_timeout)).raw
+        return adapter.send(prepared, stream=True, timeout=(connect_timeout, read_timeout)).raw
     except requests.ConnectTimeout as exc:
         raise ConnectFailed("timeout") from exc
     except requests.ReadTimeout as exc:
