@@ -160,11 +160,13 @@ def refuse_body(response, environ, linger_bytes: int):
     environ[CLOSE_CONNECTION] = True
     client_socket = environ.get("gunicorn.socket")
     if client_socket is not None:
-        response.call_on_close(lambda: _linger(client_socket, linger_bytes))
+        response.call_on_close(lambda: linger(client_socket, linger_bytes))
     return response
 
 
-def _linger(client_socket, max_bytes: int) -> None:
+def linger(client_socket, max_bytes: int) -> None:
+    """Stop sending on `client_socket` and discard what the client still sends, for up to
+    LINGER_SECONDS and `max_bytes`, so that closing it next sends no reset over an answer."""
     deadline = time.monotonic() + LINGER_SECONDS
     discarded = 0
     try:

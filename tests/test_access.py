@@ -294,6 +294,18 @@ def test_request_line_and_header_limits(backend, fwd, request_bytes, status):
     assert backend.requests() == []
 
 
+def test_a_request_gunicorn_cannot_parse_gets_its_400_even_with_a_body_behind_it(backend, fwd):
+    # gunicorn refuses the request line and closes with the body unread: without the linger
+    # (forwarder/gunicorn_worker.py) the reset that sends destroyed the 400 most times.
+    body = b"x" * 256 * 1024
+    request = (b"POST /v1/completions HTTP/2.0\r\nHost: x\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    for _ in range(5):
+        answer = exchange(fwd.port, request)
+        assert status_of(answer) == 400, answer[:200]
+    assert backend.requests() == []
+
+
 def test_request_line_and_headers_within_the_limits_pass(backend, fwd):
     path = "/v1/models/llama?q=" + "a" * 8000
     headers = {**bearer("sk-first"), "X-Big": "b" * 8000,
