@@ -106,16 +106,18 @@ def test_two_workers_each_poll_and_serve(fake_backend, forwarder):
     backend = fake_backend()
     fwd = forwarder([backend.url], workers=2, wait_healthy=1)
 
-    def healthy_on_a_fresh_connection():
+    def backends_on_a_fresh_connection():
         # A fresh connection each time, so either worker may take it: each answers from the
         # registry its own poller fills.
         with requests.Session() as http:
-            return http.get(fwd.url + "/_backends").json()["healthy"] == 1
+            return http.get(fwd.url + "/_backends").json()
 
     # `wait_healthy` saw one worker's first poll; give the other its own.
-    wait_until(lambda: all(healthy_on_a_fresh_connection() for _ in range(10)), timeout=10)
+    wait_until(lambda: all(backends_on_a_fresh_connection()["healthy"] == 1 for _ in range(10)),
+               timeout=10)
     for _ in range(20):
-        assert healthy_on_a_fresh_connection()
+        document = backends_on_a_fresh_connection()
+        assert document["healthy"] == 1, document
         with requests.Session() as http:
             response = http.get(fwd.url + "/v1/models")
             assert response.status_code == 200, response.text
