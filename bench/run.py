@@ -91,6 +91,19 @@ class Backend:
         stop_process(self.proc)
 
 
+def _answers_chat(port) -> bool:
+    """A chat request to the server on `port` is answered 200."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            body = load.CHAT_BODY
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: f\r\n"
+                         b"Content-Type: application/json\r\nConnection: close\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            return sock.recv(12).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -128,15 +141,7 @@ class Forwarder:
 
     def _answers(self) -> bool:
         """A chat request relayed with 200: a worker is up and has seen the backend healthy."""
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
-                body = load.CHAT_BODY
-                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: f\r\n"
-                             b"Content-Type: application/json\r\nConnection: close\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-                return sock.recv(12).startswith(b"HTTP/1.1 200")
-        except OSError:
-            return False
+        return _answers_chat(self.port)
 
     def cpu_seconds(self) -> float:
         return sum(cpu_seconds(pid) for pid in self.workers)
@@ -144,8 +149,50 @@ class Forwarder:
     def rss_bytes(self) -> int:
         return sum(rss_bytes(pid) for pid in [self.proc.pid, *self.workers])
 
+    def pause(self):
+        for pid in self.workers:
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self):
+        for pid in self.workers:
+            os.kill(pid, signal.SIGCONT)
+
     def stop(self):
         stop_process(self.proc, sig=signal.SIGINT)
+
+
+class FloorServer:
+    """Flask answering by itself on gunicorn's gevent worker (`bench/stack_floor.py`)."""
+
+    def __init__(self, workdir, cpus=None):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / "floor.log"
+        command = [sys.executable, "-m", "gunicorn", "-k", "gevent", "--workers", "1",
+                   "--bind", f"127.0.0.1:{self.port}", "--no-control-socket",
+                   "bench.stack_floor:app"]
+        self.proc = _spawn(command, self.log, cpus=cpus)
+        deadline = time.monotonic() + 30
+        while not _answers_chat(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("floor server not ready:\n" + self.log.read_text()[-3000:])
+            time.sleep(0.1)
+        self.workers = _children(self.proc.pid)
+
+    def cpu_seconds(self) -> float:
+        return sum(cpu_seconds(pid) for pid in self.workers)
+
+    def stop(self):
+        stop_process(self.proc, sig=signal.SIGINT)
+
+
+def floor_client_cpu(url, count, cpus=None) -> float:
+    """Client CPU seconds of one requests exchange with `url` (`bench/stack_floor.py`)."""
+    command = [sys.executable, "-m", "bench.stack_floor", url, str(count)]
+    if cpus is not None:
+        command = ["taskset", "-c", cpus, *command]
+    output = subprocess.run(command, cwd=REPO_ROOT, check=True, capture_output=True).stdout
+    return json.loads(output)["cpu_us_per_request"] / 1e6
 
 
 # --- the table --------------------------------------------------------------------------------
@@ -203,6 +250,17 @@ def scenario_single(table, workdir, quick, pins):
         relayed_streams = asyncio.run(load.sequential_streams(forwarder.url, count))
     finally:
         forwarder.stop()
+    floor = None
+    try:
+        floor = FloorServer(workdir, cpus=pins.forwarder)
+        asyncio.run(load.sequential(floor.url, 100))
+        cpu_before = floor.cpu_seconds()
+        asyncio.run(load.sequential(floor.url, count))
+        flask_cpu = (floor.cpu_seconds() - cpu_before) / count
+        requests_cpu = floor_client_cpu(backend.url, count, cpus=pins.forwarder)
+    finally:
+        if floor:
+            floor.stop()
         backend.stop()
     name = f"0. one at a time ({count} requests)"
     d50 = ms(load.percentile(direct.latencies, 0.5))
@@ -211,7 +269,13 @@ def scenario_single(table, workdir, quick, pins):
     d50 = ms(load.percentile(direct_streams.first_event, 0.5))
     f50 = ms(load.percentile(relayed_streams.first_event, 0.5))
     table.add(name, "time to first event p50", f50, d50, " ms", note=f"added {f50 - d50:.3f} ms")
-    table.add(name, "worker CPU per request", cpu * 1e6, None, " µs", ratio=False)
+    table.add(name, "worker CPU per request", cpu * 1e6, None, " µs", ratio=False,
+              note=f"{(cpu - flask_cpu - requests_cpu) * 1e6:,.0f} µs over the stack's floor")
+    table.add(name, "floor: Flask answering by itself on gunicorn's gevent worker, CPU",
+              flask_cpu * 1e6, None, " µs", ratio=False, note="bench/stack_floor.py")
+    table.add(name, "floor: one exchange through requests (client CPU)", requests_cpu * 1e6,
+              None, " µs", ratio=False,
+              note=f"floor, the sum: {(flask_cpu + requests_cpu) * 1e6:,.0f} µs")
     table.add(name, "errors", relayed.errors + relayed_streams.incomplete,
               direct.errors + direct_streams.incomplete, ratio=False)
 
@@ -311,28 +375,49 @@ def scenario_many_streams(table, workdir, quick, pins):
     table.add(name, "incomplete streams", relayed.incomplete, direct.incomplete, ratio=False)
 
 
-def _warm_sequential(url, count):
-    """`load.sequential`, after enough requests that the forwarder has a connection open to
-    nearly every backend (opening them is not what is measured)."""
-    asyncio.run(load.sequential(url, WARM_UP_REQUESTS))
-    return asyncio.run(load.sequential(url, count))
+def _alternating(polling, quiet, count) -> "tuple[load.Tally, load.Tally]":
+    """`count` requests one at a time through each forwarder, in alternating blocks, so that
+    both meet the same machine (its speed drifts by tens of percent from minute to minute here).
+    While the quiet one is measured the polling one is stopped (SIGSTOP), so that only one of
+    them ever has the core. Each first gets enough requests to have a connection open to nearly
+    every backend: opening them is not what is measured."""
+    for forwarder in (polling, quiet):
+        asyncio.run(load.sequential(forwarder.url, WARM_UP_REQUESTS))
+    tallies = (load.Tally(), load.Tally())
+    for _ in range(count // ALTERNATION_BLOCK):
+        for forwarder, tally in zip((polling, quiet), tallies):
+            paused = [polling] if forwarder is quiet else []
+            for other in paused:
+                other.pause()
+            try:
+                block = asyncio.run(load.sequential(forwarder.url, ALTERNATION_BLOCK))
+            finally:
+                for other in paused:
+                    other.resume()
+            tally.latencies += block.latencies
+            tally.errors += block.errors
+    return tallies
 
 
 # Spread at random over 100 backends, 500 requests reach all but ~1 of them.
 WARM_UP_REQUESTS = 500
+ALTERNATION_BLOCK = 100
 
 
 def scenario_polling(table, workdir, quick, pins):
     """4. 100 backends serving the 88 KB /metrics body, polled every second.
 
-    What polling costs relayed requests is their latency beside the same forwarder's while it is
-    not polling (its first poll cycle over, the next an hour away), measured in the same run."""
+    What polling costs relayed requests is their latency beside that of an identical forwarder
+    that is not polling (its first poll cycle over, the next an hour away), measured in
+    alternating blocks in the same run; and how often a poll held the hub for over 2 ms, which
+    gevent's own monitor reports."""
     idle_seconds = 5 if quick else 15
     count = 1500 if quick else 5000
     backend = Backend(workdir, ports=100, cpus=pins.backend)
-    forwarder = Forwarder(workdir, backend.ports, cpus=pins.forwarder,
-                          env={"CHECK_INTERVAL_SECONDS": "1"})
+    forwarder = quiet_forwarder = None
     try:
+        forwarder = Forwarder(workdir, backend.ports, cpus=pins.forwarder,
+                              env={"CHECK_INTERVAL_SECONDS": "1"})
         time.sleep(2)  # every backend polled at least once
         before = backend.stats()
         cpu_before = forwarder.cpu_seconds()
@@ -343,17 +428,16 @@ def scenario_polling(table, workdir, quick, pins):
         # Less the connection that asked for the stats.
         poll_connections = after["connections"] - before["connections"] - 1
         direct = asyncio.run(load.sequential(backend.url, count))
-        relayed = _warm_sequential(forwarder.url, count)
-    finally:
-        forwarder.stop()
-    quiet_forwarder = None
-    try:
         quiet_forwarder = Forwarder(workdir, backend.ports, cpus=pins.forwarder,
                                     env={"CHECK_INTERVAL_SECONDS": "3600"})
-        quiet = _warm_sequential(quiet_forwarder.url, count)
+        relayed, quiet = _alternating(forwarder, quiet_forwarder, count)
     finally:
-        if quiet_forwarder:
-            quiet_forwarder.stop()
+        for started in (forwarder, quiet_forwarder):
+            if started:
+                started.stop()
+    try:
+        blocked = hub_blocks_while_polling(workdir, backend, idle_seconds, pins)
+    finally:
         backend.stop()
     name = "4. polling 100 backends × 88 KB every 1 s"
     table.add(name, "polls/s", polls, 100.0, ratio=False, note="target 100")
@@ -368,7 +452,36 @@ def scenario_polling(table, workdir, quick, pins):
                   ms(load.percentile(direct.latencies, fraction)), " ms",
                   note=f"{not_polling:.2f} ms while not polling: polling adds "
                        f"{polling - not_polling:.2f} ms")
+    table.add(name, f"hub held over {ms(MONITOR_BLOCKING_SECONDS):g} ms by a poll",
+              blocked["polls"], None, ratio=False,
+              note=f"gevent's blocking monitor, {idle_seconds} s of polling; "
+                   f"{blocked['other']} times by anything else")
     table.add(name, "errors", relayed.errors + quiet.errors, direct.errors, ratio=False)
+
+
+# gevent's monitor thread reports a greenlet that has run this long without yielding to the hub.
+MONITOR_BLOCKING_SECONDS = 0.002
+
+
+def hub_blocks_while_polling(workdir, backend, seconds, pins) -> dict:
+    """How often, over `seconds` of polling the backends every second, one greenlet held a
+    worker's hub for longer than MONITOR_BLOCKING_SECONDS: gevent's own monitor thread watches
+    and logs each time with the greenlet's stack (its start-up, before the window, not counted).
+    `{"polls": …, "other": …}`: those with the poller in the stack, and the rest."""
+    forwarder = Forwarder(workdir, backend.ports, cpus=pins.forwarder,
+                          env={"CHECK_INTERVAL_SECONDS": "1",
+                               "GEVENT_MONITOR_THREAD_ENABLE": "true",
+                               "GEVENT_MAX_BLOCKING_TIME": str(MONITOR_BLOCKING_SECONDS)})
+    try:
+        time.sleep(2)  # its first cycles, and their one-time work, are over
+        start = len(forwarder.log.read_bytes())
+        time.sleep(seconds)
+        window = forwarder.log.read_bytes()[start:].decode("utf-8", "replace")
+    finally:
+        forwarder.stop()
+    reports = window.split(" appears to be blocked")[1:]
+    polls = sum("forwarder/health.py" in report for report in reports)
+    return {"polls": polls, "other": len(reports) - polls}
 
 
 SCENARIOS = {
