@@ -130,30 +130,33 @@ class Poller:
         per poll than `Session.get`. A connection the backend closed unanswered (the keep-alive
         race, `upstream.StaleConnectionError`) is tried once more, as the relay does: it says
         nothing about the backend's health."""
-        resent = False
         deadline = gevent.Timeout(self.timeout)
-        while True:
-            try:
-                with deadline:
-                    response = upstream.send("GET", url, self.headers, None, self.timeout,
-                                             self.timeout, session=self.session)
-                    try:
-                        return response.status, response.read()
-                    finally:
-                        response.close()
-            except gevent.Timeout as timeout:
-                if timeout is not deadline:
-                    raise
-                raise PollFailed("timeout") from None
-            except upstream.ConnectFailed as exc:
-                if exc.stale and not resent:
-                    resent = True
-                    continue
-                raise PollFailed(str(exc)) from exc
-            except upstream.UpstreamTimeout as exc:
-                raise PollFailed("timeout") from exc
-            except (upstream.UpstreamFailed, urllib3.exceptions.HTTPError, OSError) as exc:
-                raise PollFailed(upstream.describe(exc)) from exc
+        try:
+            with deadline:
+                try:
+                    return self.exchange(url)
+                except upstream.ConnectFailed as exc:
+                    if not exc.stale:
+                        raise
+                    return self.exchange(url)
+        except gevent.Timeout as timeout:
+            if timeout is not deadline:
+                raise
+            raise PollFailed("timeout") from None
+        except upstream.ConnectFailed as exc:
+            raise PollFailed(str(exc)) from exc
+        except upstream.UpstreamTimeout as exc:
+            raise PollFailed("timeout") from exc
+        except (upstream.UpstreamFailed, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise PollFailed(upstream.describe(exc)) from exc
+
+    def exchange(self, url: str) -> "tuple[int, bytes]":
+        response = upstream.send("GET", url, self.headers, None, self.timeout, self.timeout,
+                                 session=self.session)
+        try:
+            return response.status, response.read()
+        finally:
+            response.close()
 
 
 class PollFailed(Exception):

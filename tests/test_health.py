@@ -102,6 +102,19 @@ def test_unhealthy_backend_gets_no_requests_until_it_recovers(fake_backend, forw
     assert names == {"a", "b"}
 
 
+def test_a_poll_that_meets_a_closed_connection_is_sent_once_more(fake_backend, forwarder):
+    # The first poll's `/v1/models` read meets a connection closed unanswered (what uvicorn does
+    # with a kept-alive connection it times out): sent once more, it reads the list. Without the
+    # resend the list would stay unknown until the next poll, ten minutes away.
+    backend = fake_backend(config={"drop_next": 1})
+    fwd = forwarder([backend.url], env={"CHECK_INTERVAL_SECONDS": "600"}, wait_healthy=1)
+    wait_until(lambda: backend_status(fwd, backend.url)["models"], timeout=5)
+    status = backend_status(fwd, backend.url)
+    assert status["healthy"] is True and status["last_error"] is None
+    model_polls = [r for r in backend.requests(include_polls=True) if r["path"] == "/v1/models"]
+    assert len(model_polls) == 2
+
+
 def test_two_workers_each_poll_and_serve(fake_backend, forwarder):
     backend = fake_backend()
     fwd = forwarder([backend.url], workers=2, wait_healthy=1)
