@@ -71,7 +71,8 @@ class Worker(GeventWorker):
         super().init_process()
 
     def handle(self, listener, client, addr):
-        client.__class__ = _ClientSocket
+        if type(client) is gevent.socket.socket:  # not a TLS socket (gunicorn's `certfile`)
+            client.__class__ = _ClientSocket
         super().handle(listener, client, addr)
 
     def handle_error(self, req, client, addr, exc):
