@@ -23,7 +23,7 @@ import urllib.parse
 from flask import Response, request
 
 from . import access, relay, request_id, telemetry, upstream
-from .client_watch import ClientGone, ClientWatch
+from .client_watch import ClientGone, ClientWatch, ShuttingDown
 from .errors import error_response
 from .registry import Registry
 from .routing import SESSION_HEADER, Router, session_key
@@ -170,6 +170,9 @@ class Proxy:
             telemetry.client_disconnected()
             # nginx's "client closed request", for the access log
             return exchange.finished(Response(status=499))
+        except ShuttingDown:
+            watch.stop()
+            return exchange.finished(error_response(503, relay.SHUTTING_DOWN))
         except _Failed as failed:
             if watch:
                 watch.stop()

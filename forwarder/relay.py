@@ -2,9 +2,10 @@
 
 The body is relayed as the raw bytes the backend sent (still compressed, if it compressed them),
 one client write per socket read, so each SSE event reaches the client without waiting for the
-next. When the backend dies or goes silent mid-body, an SSE client gets vLLM's own in-band error
-event and `[DONE]`; any other client gets a connection closed before the body is complete, never
-a truncated body that looks finished.
+next. When the backend dies or goes silent mid-body, or the forwarder is stopping and its grace
+period is over (`client_watch.ShuttingDown`), an SSE client gets vLLM's own in-band error event
+and `[DONE]`; any other client gets a connection closed before the body is complete, never a
+truncated body that looks finished.
 """
 
 import contextlib
@@ -15,7 +16,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from werkzeug.http import parse_list_header
 
 from . import telemetry
-from .client_watch import ClientGone, ClientWatch
+from .client_watch import ClientGone, ClientWatch, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ def response_headers(headers) -> "list[tuple[str, str]]":
     return [(name, value) for name, value in headers.items() if name.lower() not in dropped]
 
 
+SHUTTING_DOWN = ("The forwarder is shutting down and its grace period is over; "
+                 "the response was cut short.")
+
+
 def sse_error_event(message: str, code: int) -> bytes:
     """vLLM's in-band error event followed by the end-of-stream marker."""
     error = {"error": {"message": message, "type": "BadGatewayError", "param": None,
@@ -79,6 +84,12 @@ def relay_body(response, backend_url: str, sse: bool, watch: "ClientWatch | None
     except ClientGone:
         telemetry.client_disconnected()
         return
+    except ShuttingDown:
+        # The worker is about to be killed: an SSE client is told why its stream ends here.
+        if sse:
+            yield sse_error_event(SHUTTING_DOWN, 503)
+        elif watch is not None:
+            watch.abort_client()
     except GeneratorExit:
         # Closed at a `yield` before the end: gunicorn's write to the client failed.
         telemetry.client_disconnected()

@@ -281,6 +281,43 @@ def test_sigterm_lets_50_live_streams_finish(fake_backend, forwarder):
         requests.get(fwd.url + "/_backends", timeout=2)
 
 
+@pytest.mark.parametrize("case", ["stream", "waiting"])
+def test_what_outlives_the_grace_period_ends_with_an_answer(fake_backend, forwarder, case):
+    # gunicorn's master kills the worker `graceful_timeout` after SIGTERM. Shortly before, a
+    # stream still running ends with vLLM's in-band error and [DONE] instead of a cut connection,
+    # and a request still waiting for its backend's answer gets a 503; either way the backend's
+    # connection is closed, so vLLM stops generating.
+    config = {"token_delay": 0.25, "tokens": 40} if case == "stream" else {"hang": True}
+    backend = fake_backend(config=config)
+    fwd = forwarder([backend.url], wait_healthy=1, extra_args=["--graceful-timeout", "4"])
+
+    def exchange():
+        with requests.post(fwd.url + CHAT, json=chat_body(stream=case == "stream"),
+                           stream=True) as response:
+            return response, response.raw.read(), time.monotonic()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(exchange)
+        wait_until(lambda: backend.requests(), timeout=5)
+        os.kill(fwd.pid, signal.SIGTERM)
+        stopped = time.monotonic()
+        response, body, ended = answer.result(timeout=10)
+    elapsed = ended - stopped
+    if case == "stream":
+        events = sse_events(body)
+        assert response.status_code == 200
+        assert sum(b'"content":"tok' in e for e in events) < 40
+        error = json.loads(events[-2].removeprefix(b"data: "))["error"]
+        assert error["code"] == 503 and "shutting down" in error["message"]
+        assert events[-1] == b"data: [DONE]"
+    else:
+        assert response.status_code == 503
+        assert "shutting down" in json.loads(body)["error"]["message"]
+    assert 1 < elapsed < 3.5  # ended before the master's kill at 4 s
+    wait_until(lambda: backend.disconnects(), timeout=5)
+    assert fwd.proc.wait(10) == 0
+
+
 def test_worker_timeout_never_cuts_a_long_stream(fake_backend, forwarder):
     backend = fake_backend(config={"token_delay": 0.25, "tokens": 16})
     fwd = forwarder([backend.url], extra_args=["--timeout", "1"], wait_healthy=1)
