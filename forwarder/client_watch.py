@@ -14,6 +14,7 @@ with an answer the client understands.
 """
 
 import socket
+import weakref
 
 import gevent
 
@@ -26,8 +27,9 @@ class ShuttingDown(Exception):
     """The worker is stopping and its grace period is nearly over: end the response now."""
 
 
-# The watches of the responses in progress, for `end_all`.
-_watching = set()
+# The watches of the responses in progress, for `end_all`; weak, so that a watch a failed request
+# never stopped is not kept alive by this.
+_watching = weakref.WeakSet()
 
 
 def end_all() -> None:
@@ -40,7 +42,7 @@ def end_all() -> None:
 class ClientWatch:
     """Watch one client socket for the life of one response."""
 
-    __slots__ = ("_socket", "_greenlet", "_waiting", "gone", "ending", "_watcher")
+    __slots__ = ("_socket", "_greenlet", "_waiting", "gone", "ending", "_watcher", "__weakref__")
 
     def __init__(self, client_socket):
         self._socket = client_socket
