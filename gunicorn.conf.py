@@ -95,6 +95,14 @@ def post_worker_init(worker):
     gc.freeze()
 
 
+def worker_exit(server, worker):
+    # Frozen objects are left out of the interpreter's last collection and torn down after the
+    # modules they use, with "Exception ignored" tracebacks in the log: unfreeze them first.
+    import gc
+
+    gc.unfreeze()
+
+
 def post_request(worker, req, environ, resp):
     # A refused upload (`413`, forwarder/access.py) ends its connection here: gunicorn would
     # otherwise read the rest of its body, however long, to reach the next request.

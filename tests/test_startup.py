@@ -20,10 +20,14 @@ def test_bad_setting_stops_start_up_with_one_line(env, named):
     assert "Traceback" not in output
 
 
-def test_clean_start_logs_no_monkey_patch_warning(fake_backend, forwarder):
+def test_clean_start_and_stop_log_no_warning_or_traceback(fake_backend, forwarder):
     backend = fake_backend()
     fwd = forwarder([backend.url], wait_healthy=1)
     log = fwd.log()
     assert "Booting worker" in log
     assert "MonkeyPatchWarning" not in log
     assert "Traceback" not in log
+    assert fwd.stop(graceful=True) == 0  # SIGTERM, as an orchestrator stops it
+    log = fwd.log()
+    assert "Worker exiting" in log
+    assert "Traceback" not in log and "Exception ignored" not in log, log[-2000:]
