@@ -39,6 +39,11 @@ class Tally:
         self.latencies = []
         self.errors = 0
 
+    def absorb(self, other: "Tally") -> None:
+        """Add what `other` counted to this tally."""
+        self.latencies += other.latencies
+        self.errors += other.errors
+
 
 async def _chat(client, url: str, tally: Tally) -> None:
     started = time.perf_counter()
@@ -95,6 +100,15 @@ class StreamTally:
         self.incomplete = 0
         self.open = 0
         self.peak_open = 0
+
+    def absorb(self, other: "StreamTally") -> None:
+        """Add what `other` counted to this tally (of streams run after, not beside, its own)."""
+        self.first_event += other.first_event
+        self.gaps += other.gaps
+        self.events += other.events
+        self.complete += other.complete
+        self.incomplete += other.incomplete
+        self.peak_open = max(self.peak_open, other.peak_open)
 
 
 async def stream(client, url: str, tally: StreamTally, tokens: int, delay: float) -> None:

@@ -237,32 +237,47 @@ def ms(seconds):
 
 # --- scenarios --------------------------------------------------------------------------------
 
+# Scenario 0 takes turns in this many blocks.
+SINGLE_BLOCKS = 8
+
+
 def scenario_single(table, workdir, quick, pins):
-    """One request at a time: the forwarder's added latency and time to first event."""
+    """One request at a time: the forwarder's added latency and time to first event, its CPU per
+    request, and the stack's floor (`bench/stack_floor.py`). The forwarder, the direct
+    connection and the floor take turns in short blocks, so that all of them meet the same
+    machine: its speed drifts by tens of percent from minute to minute here."""
     count = 400 if quick else 2000
+    per_block = count // SINGLE_BLOCKS
+    count = per_block * SINGLE_BLOCKS
     backend = Backend(workdir, cpus=pins.backend)
-    forwarder = Forwarder(workdir, backend.ports, cpus=pins.forwarder)
+    forwarder = floor = None
+    direct, relayed = load.Tally(), load.Tally()
+    direct_streams, relayed_streams = load.StreamTally(), load.StreamTally()
+    cpu = flask_cpu = requests_cpu = 0.0
     try:
-        direct = asyncio.run(load.sequential(backend.url, count))
-        cpu_before = forwarder.cpu_seconds()
-        relayed = asyncio.run(load.sequential(forwarder.url, count))
-        cpu = (forwarder.cpu_seconds() - cpu_before) / count
-        direct_streams = asyncio.run(load.sequential_streams(backend.url, count))
-        relayed_streams = asyncio.run(load.sequential_streams(forwarder.url, count))
-    finally:
-        forwarder.stop()
-    floor = None
-    try:
+        forwarder = Forwarder(workdir, backend.ports, cpus=pins.forwarder)
         floor = FloorServer(workdir, cpus=pins.forwarder)
-        asyncio.run(load.sequential(floor.url, 100))
-        cpu_before = floor.cpu_seconds()
-        asyncio.run(load.sequential(floor.url, count))
-        flask_cpu = (floor.cpu_seconds() - cpu_before) / count
-        requests_cpu = floor_client_cpu(backend.url, count, cpus=pins.forwarder)
+        for server in (forwarder, floor):
+            asyncio.run(load.sequential(server.url, 100))
+        for _ in range(SINGLE_BLOCKS):
+            direct.absorb(asyncio.run(load.sequential(backend.url, per_block)))
+            cpu_before = forwarder.cpu_seconds()
+            relayed.absorb(asyncio.run(load.sequential(forwarder.url, per_block)))
+            cpu += forwarder.cpu_seconds() - cpu_before
+            cpu_before = floor.cpu_seconds()
+            asyncio.run(load.sequential(floor.url, per_block))
+            flask_cpu += floor.cpu_seconds() - cpu_before
+            requests_cpu += floor_client_cpu(backend.url, per_block, cpus=pins.forwarder) \
+                * per_block
+            direct_streams.absorb(asyncio.run(load.sequential_streams(backend.url, per_block)))
+            relayed_streams.absorb(
+                asyncio.run(load.sequential_streams(forwarder.url, per_block)))
     finally:
-        if floor:
-            floor.stop()
+        for server in (forwarder, floor):
+            if server:
+                server.stop()
         backend.stop()
+    cpu, flask_cpu, requests_cpu = cpu / count, flask_cpu / count, requests_cpu / count
     name = f"0. one at a time ({count} requests)"
     d50 = ms(load.percentile(direct.latencies, 0.5))
     f50 = ms(load.percentile(relayed.latencies, 0.5))
