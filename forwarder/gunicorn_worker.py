@@ -1,15 +1,16 @@
 """gunicorn's gevent worker, made to drain promptly on shutdown, to end what still runs at the end
-of the grace period with an answer, to deliver its own error answers whole, and to write to
-clients with one system call per write.
+of the grace period with an answer when asked to, to deliver its own error answers whole, and to
+write to clients with one system call per write.
 
 gunicorn's worker waits on every open connection after `SIGTERM`, including keep-alive
 connections idling between requests, and those can idle for the whole `keepalive` time: a
 forwarder with one idle client would wait out `graceful_timeout` and be killed. This worker closes
 connections that are between requests as soon as it is told to stop, and closes every connection
-that becomes idle afterwards, so shutdown waits only for responses in flight. Responses still
-running shortly before `graceful_timeout` ends are interrupted (`client_watch.end_all`): an SSE
-stream ends with an in-band error event and `[DONE]` rather than being cut off by the master's
-kill, and a request still waiting for its backend's answer gets `503`.
+that becomes idle afterwards, so shutdown waits only for responses in flight. With
+END_STREAMS_BEFORE_KILL_SECONDS set, responses still running that long before `graceful_timeout`
+runs out are interrupted (`client_watch.end_all`): an SSE stream ends with an in-band error event
+and `[DONE]` rather than being cut off by the master's kill, and a request still waiting for its
+backend's answer gets `503`. By default they run until the kill, as SPEC has it.
 
 gevent's `sendall` asks the kernel for the socket's send-buffer size (a `getsockopt` call) every
 time, to cut large writes into pieces; gunicorn writes each relayed SSE event with its own
@@ -22,12 +23,9 @@ import gevent
 import gevent.socket
 from gunicorn.workers.ggevent import GeventWorker
 
-from . import client_watch
+from . import client_watch, settings
 from .access import linger
 
-# How long before the master's kill at the end of `graceful_timeout` responses still running
-# are ended (`client_watch.end_all`): time to write an SSE stream's last event.
-STREAM_END_MARGIN_SECONDS = 2.0
 # After gunicorn's own error answer to a request it could not parse (400, 414, 431 …): at most
 # this much of what the client still sends is discarded before the connection closes.
 ERROR_LINGER_BYTES = 1 << 20
@@ -76,6 +74,7 @@ class Worker(GeventWorker):
 
     def init_process(self):
         self.idle = set()
+        self._end_before_kill = settings.load().end_streams_before_kill_seconds
         self._stream_end = None
         super().init_process()
 
@@ -99,11 +98,12 @@ class Worker(GeventWorker):
         super().handle_exit(sig, frame)
         loop = gevent.get_hub().loop
         loop.run_callback(self._end_idle_waits)
-        # The master kills this worker `graceful_timeout` seconds after telling it to stop; a
-        # little before, responses still running are ended while an ending can be written.
-        if self._stream_end is None:
-            grace = self.cfg.graceful_timeout
-            self._stream_end = loop.timer(max(grace - STREAM_END_MARGIN_SECONDS, grace / 2))
+        # The master kills this worker `graceful_timeout` seconds after telling it to stop: with
+        # END_STREAMS_BEFORE_KILL_SECONDS, responses still running are ended a little before,
+        # while an ending can still be written.
+        if self._end_before_kill and self._stream_end is None:
+            delay = max(self.cfg.graceful_timeout - self._end_before_kill, 0.0)
+            self._stream_end = loop.timer(delay)
             self._stream_end.start(client_watch.end_all)
 
     def _end_idle_waits(self) -> None:

@@ -9,7 +9,6 @@ truncated body that looks finished.
 """
 
 import contextlib
-import json
 import logging
 
 from urllib3.exceptions import HTTPError as Urllib3Error
@@ -17,6 +16,7 @@ from werkzeug.http import parse_list_header
 
 from . import telemetry
 from .client_watch import ClientGone, ClientWatch, ShuttingDown
+from .errors import error_body
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,7 @@ SHUTTING_DOWN = ("The forwarder is shutting down and its grace period is over; "
 
 def sse_error_event(message: str, code: int) -> bytes:
     """vLLM's in-band error event followed by the end-of-stream marker."""
-    error = {"error": {"message": message, "type": "BadGatewayError", "param": None,
-                       "code": code}}
-    return b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n"
+    return b"data: " + error_body(code, message) + b"\n\ndata: [DONE]\n\n"
 
 
 def relay_body(response, backend_url: str, sse: bool, watch: "ClientWatch | None",

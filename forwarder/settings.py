@@ -166,6 +166,11 @@ SETTINGS = (
             "a larger request body gets `413` without being read whole (chunked uploads too)"),
     Setting("ROUTING_POLICY", "random", _routing_policy,
             "how a backend is chosen: `random`, `least_loaded` or `affinity` (see Routing)"),
+    Setting("END_STREAMS_BEFORE_KILL_SECONDS", "0", _seconds,
+            "after `SIGTERM`, responses still running this long before gunicorn's "
+            "`graceful_timeout` runs out are ended with an answer (a stream: vLLM's in-band "
+            "error, `503`, and `[DONE]`) instead of being cut by the kill; 0: they run until "
+            "the kill"),
 )
 
 Settings = dataclasses.make_dataclass(

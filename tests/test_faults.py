@@ -5,6 +5,7 @@ Each test names the row of the README's "What happens when…" table it backs.
 
 import concurrent.futures
 import hashlib
+import http.client
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import time
 
 import pytest
 import requests
+import urllib3
 
 from tests.harness import wait_until
 
@@ -281,20 +283,28 @@ def test_sigterm_lets_50_live_streams_finish(fake_backend, forwarder):
         requests.get(fwd.url + "/_backends", timeout=2)
 
 
-@pytest.mark.parametrize("case", ["stream", "waiting"])
+@pytest.mark.parametrize("case", ["stream", "waiting", "stream, by default"])
 def test_what_outlives_the_grace_period_ends_with_an_answer(fake_backend, forwarder, case):
-    # gunicorn's master kills the worker `graceful_timeout` after SIGTERM. Shortly before, a
-    # stream still running ends with vLLM's in-band error and [DONE] instead of a cut connection,
-    # and a request still waiting for its backend's answer gets a 503; either way the backend's
-    # connection is closed, so vLLM stops generating.
-    config = {"token_delay": 0.25, "tokens": 40} if case == "stream" else {"hang": True}
+    # gunicorn's master kills the worker `graceful_timeout` after SIGTERM. With
+    # END_STREAMS_BEFORE_KILL_SECONDS, a little before that a stream still running ends with
+    # vLLM's in-band error and [DONE] instead of a cut connection, and a request still waiting for
+    # its backend's answer gets a 503; either way the backend's connection is closed, so vLLM
+    # stops generating. By default nothing is ended before the kill (SPEC): the stream is cut.
+    streaming = case.startswith("stream")
+    config = {"token_delay": 0.25, "tokens": 40} if streaming else {"hang": True}
     backend = fake_backend(config=config)
-    fwd = forwarder([backend.url], wait_healthy=1, extra_args=["--graceful-timeout", "4"])
+    env = {} if case.endswith("by default") else {"END_STREAMS_BEFORE_KILL_SECONDS": "2"}
+    fwd = forwarder([backend.url], env=env, wait_healthy=1,
+                    extra_args=["--graceful-timeout", "4"])
 
     def exchange():
-        with requests.post(fwd.url + CHAT, json=chat_body(stream=case == "stream"),
+        with requests.post(fwd.url + CHAT, json=chat_body(stream=streaming),
                            stream=True) as response:
-            return response, response.raw.read(), time.monotonic()
+            try:
+                body = response.raw.read()
+            except (urllib3.exceptions.HTTPError, http.client.HTTPException):
+                body = None  # cut off by the kill
+            return response, body, time.monotonic()
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         answer = pool.submit(exchange)
@@ -303,12 +313,17 @@ def test_what_outlives_the_grace_period_ends_with_an_answer(fake_backend, forwar
         stopped = time.monotonic()
         response, body, ended = answer.result(timeout=10)
     elapsed = ended - stopped
-    if case == "stream":
+    if case == "stream, by default":
+        assert body is None  # the kill cut it: no in-band error, no [DONE]
+        assert elapsed > 3.5
+        return
+    if streaming:
         events = sse_events(body)
         assert response.status_code == 200
         assert sum(b'"content":"tok' in e for e in events) < 40
         error = json.loads(events[-2].removeprefix(b"data: "))["error"]
-        assert error["code"] == 503 and "shutting down" in error["message"]
+        assert error["code"] == 503 and error["type"] == "ServiceUnavailableError"
+        assert "shutting down" in error["message"]
         assert events[-1] == b"data: [DONE]"
     else:
         assert response.status_code == 503
