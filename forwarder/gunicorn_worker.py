@@ -70,7 +70,9 @@ class _IdleWait:
 
 
 class Worker(GeventWorker):
-    """A gevent worker whose idle keep-alive connections do not hold up shutdown."""
+    """gunicorn's gevent worker with this module's additions: idle keep-alive connections that do
+    not hold up shutdown, an optional clean end before the kill, lingering after its own error
+    answers, and one-`send` client writes."""
 
     def init_process(self):
         self.idle = set()
