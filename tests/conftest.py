@@ -10,47 +10,49 @@ from tests.harness import FakeBackend, FakeDns, Forwarder, log_tail
 def fake_backend(tmp_path_factory):
     """Factory: `fake_backend(name=None, config=None, port=None, host="127.0.0.1")` -> a started
     FakeBackend."""
-    started = []
 
     def start(name=None, config=None, port=None, host="127.0.0.1"):
-        backend = FakeBackend.start(name=name, port=port, config=config, host=host,
-                                    log_dir=tmp_path_factory.mktemp("fake_vllm"))
-        started.append(backend)
-        return backend
+        return FakeBackend.start(name=name, port=port, config=config, host=host,
+                                 log_dir=tmp_path_factory.mktemp("fake_vllm"))
 
-    yield start
-    _stop_all(started, "fake vllm")
+    yield from _serve(start, "fake vllm")
 
 
 @pytest.fixture
 def fake_dns(tmp_path_factory):
     """Factory: `fake_dns(records=None)` -> a started FakeDns on 127.0.0.1."""
-    started = []
 
     def start(records=None):
-        server = FakeDns.start(records, log_dir=tmp_path_factory.mktemp("fake_dns"))
-        started.append(server)
-        return server
+        return FakeDns.start(records, log_dir=tmp_path_factory.mktemp("fake_dns"))
 
-    yield start
-    _stop_all(started, "fake dns")
+    yield from _serve(start, "fake dns")
 
 
 @pytest.fixture
 def forwarder(tmp_path_factory):
     """Factory: `forwarder(ip_lines, env=None, workers=1, extra_args=(), wait_healthy=None)`
     -> a started Forwarder."""
-    started = []
 
     def start(ip_lines, env=None, workers=1, extra_args=(), wait_healthy=None):
-        instance = Forwarder.start(ip_lines, env=env, workers=workers, extra_args=extra_args,
-                                   wait_healthy=wait_healthy,
-                                   log_dir=tmp_path_factory.mktemp("forwarder"))
-        started.append(instance)
-        return instance
+        return Forwarder.start(ip_lines, env=env, workers=workers, extra_args=extra_args,
+                               wait_healthy=wait_healthy,
+                               log_dir=tmp_path_factory.mktemp("forwarder"))
 
-    yield start
-    _stop_all(started, "forwarder")
+    yield from _serve(start, "forwarder")
+
+
+def _serve(start, what):
+    """A fixture's body: yields a factory calling `start` for each process the test asks for,
+    then stops every one of them."""
+    started = []
+
+    def make(*args, **kwargs):
+        process = start(*args, **kwargs)
+        started.append(process)
+        return process
+
+    yield make
+    _stop_all(started, what)
 
 
 def _stop_all(processes, what):

@@ -100,7 +100,21 @@ def log_tail(path, lines=40):
     return "\n".join(text.splitlines()[-lines:])
 
 
-class FakeBackend:
+class _Process:
+    """A helper process started by a test: its `proc` (subprocess.Popen) and `log_path`."""
+
+    proc = None
+    log_path = None
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+
+class FakeBackend(_Process):
     """A `python -m tests.fake_vllm` subprocess and its control API."""
 
     def __init__(self, name, config, log_dir, host="127.0.0.1"):
@@ -156,15 +170,8 @@ class FakeBackend:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    @property
-    def pid(self):
-        return self.proc.pid
-
     def alive(self):
         return self.proc.poll() is None
-
-    def log(self):
-        return self.log_path.read_text(errors="replace")
 
     def _control(self, method, path, body=None):
         response = _request(method, self.url + "/_fake/" + path, json=body, timeout=5)
@@ -215,7 +222,7 @@ class FakeBackend:
         return self
 
 
-class FakeDns:
+class FakeDns(_Process):
     """A `python -m tests.fake_dns` subprocess on 127.0.0.1 and the zone file it answers from."""
 
     def __init__(self, log_dir):
@@ -254,12 +261,6 @@ class FakeDns:
         """The `DNS_SERVER` setting that points at it."""
         return f"127.0.0.1:{self.port}"
 
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def log(self):
-        return self.log_path.read_text(errors="replace")
 
     def questions(self):
         """Every question received so far, as (name, type, mode) tuples."""
@@ -269,7 +270,7 @@ class FakeDns:
         return stop_process(self.proc, 3)
 
 
-class Forwarder:
+class Forwarder(_Process):
     """The forwarder under gunicorn, as an operator starts it, on a port of its own."""
 
     def __init__(self, ip_lines, env, workers, extra_args, log_dir):
@@ -354,12 +355,6 @@ class Forwarder:
         scheme = "https" if "--certfile" in self.extra_args else "http"
         return f"{scheme}://127.0.0.1:{self.port}"
 
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def log(self):
-        return self.log_path.read_text(errors="replace")
 
     def backends(self):
         """The GET /_backends JSON."""
