@@ -1,6 +1,13 @@
-"""gunicorn's gevent worker, made to drain promptly on shutdown, to end what still runs at the end
-of the grace period with an answer when asked to, to deliver its own error answers whole, and to
-write to clients with one system call per write.
+"""gunicorn's gevent worker, made to serve only once it knows the fleet, to drain promptly on
+shutdown, to end what still runs at the end of the grace period with an answer when asked to, to
+deliver its own error answers whole, and to write to clients with one system call per write.
+
+A worker that has just started knows nothing of the fleet until its poller's first cycle ends: its
+`/_health` would answer `503` and its `/_backends` would show every backend unpolled. When one of
+several workers is restarted (a crash, `SIGHUP`), a load balancer's probe could meet that worker
+and take the whole instance out of rotation. So a worker starts accepting connections only once
+its first cycle is over, or after `health.first_cycle_wait` at most; until then the workers
+already running take every connection, and at start-up the kernel holds them in the listen queue.
 
 gunicorn's worker waits on every open connection after `SIGTERM`, including keep-alive
 connections idling between requests, and those can idle for the whole `keepalive` time: a
@@ -19,7 +26,10 @@ time, to cut large writes into pieces; gunicorn writes each relayed SSE event wi
 back to gevent's `sendall` for whatever the kernel did not take.
 """
 
+import time
+
 import gevent
+import gevent.event
 import gevent.socket
 from gunicorn.workers.ggevent import GeventWorker
 
@@ -70,15 +80,34 @@ class _IdleWait:
 
 
 class Worker(GeventWorker):
-    """gunicorn's gevent worker with this module's additions: idle keep-alive connections that do
-    not hold up shutdown, an optional clean end before the kill, lingering after its own error
-    answers, and one-`send` client writes."""
+    """gunicorn's gevent worker with this module's additions: no connection accepted before the
+    first poll cycle, idle keep-alive connections that do not hold up shutdown, an optional clean
+    end before the kill, lingering after its own error answers, and one-`send` client writes."""
 
     def init_process(self):
         self.idle = set()
         self._end_before_kill = settings.load().end_streams_before_kill_seconds
         self._stream_end = None
         super().init_process()
+
+    def run(self):
+        # Imported only now that gevent has patched this process: the master imports this module,
+        # and what these import (requests, urllib3) must not be loaded unpatched.
+        from .health import first_cycle_wait
+        from .registry import REGISTRY
+
+        self._wait_for(REGISTRY.first_cycle, first_cycle_wait(settings.load()))
+        super().run()
+
+    def _wait_for(self, event: gevent.event.Event, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.alive and not event.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            # The master kills a worker that stays silent for `timeout` seconds.
+            self.notify()
+            event.wait(min(remaining, 1.0))
 
     def handle(self, listener, client, addr):
         if type(client) is gevent.socket.socket:  # not a TLS socket (gunicorn's `certfile`)

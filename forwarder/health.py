@@ -31,6 +31,12 @@ RECOVERY_POLL_SECONDS = 0.25
 POLL_USER_AGENT = "vllm-forwarder-health"
 
 
+def first_cycle_wait(settings) -> float:
+    """How long a worker that has just started waits for its first poll cycle: a lookup's and a
+    poll's timeout, what that cycle takes when nothing answers (it polls every backend at once)."""
+    return settings.health_timeout_seconds + settings.dns_timeout_seconds
+
+
 class Poller:
     """Polls the fleet every `interval` seconds and writes what it sees into `registry`."""
 

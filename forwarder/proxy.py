@@ -22,7 +22,7 @@ import urllib.parse
 
 from flask import Response, request
 
-from . import access, relay, request_id, telemetry, upstream
+from . import access, health, relay, request_id, telemetry, upstream
 from .client_watch import ClientGone, ClientWatch, ShuttingDown
 from .errors import error_response
 from .registry import Registry
@@ -126,7 +126,7 @@ class Proxy:
         self.connect_timeout = settings.connect_timeout_seconds
         self.read_timeout = settings.read_timeout_seconds
         self.no_backend_wait = settings.no_backend_wait_seconds
-        self.first_poll_wait = settings.health_timeout_seconds + settings.dns_timeout_seconds
+        self.first_poll_wait = health.first_cycle_wait(settings)
         self.max_body = settings.max_request_body_bytes
         self.backend_authorization = access.backend_authorization(settings)
 

@@ -25,6 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # The User-Agent of the forwarder's health polls (`forwarder.health.POLL_USER_AGENT`).
 POLL_USER_AGENT = "vllm-forwarder-health"
 LISTENING = re.compile(r"fake vllm listening on http://\S+:(\d+)")
+ACCESS_LINE = re.compile(r"request_id=\S+ method=\S+ path=\S+ status=\d+ .*")
+FIELD = re.compile(r"(\w+)=(\S+)")
 
 
 def _request(method, url, **kwargs):
@@ -355,13 +357,32 @@ class Forwarder(_Process):
         scheme = "https" if "--certfile" in self.extra_args else "http"
         return f"{scheme}://127.0.0.1:{self.port}"
 
-
     def backends(self):
         """The GET /_backends JSON."""
         response = _request("GET", self.url + "/_backends", timeout=5,
                             headers=self._admin_headers())
         response.raise_for_status()
         return response.json()
+
+    def access_lines(self):
+        """Each access log line as a dict of its key=value fields, in order."""
+        return [dict(FIELD.findall(line)) for line in self.log().splitlines()
+                if ACCESS_LINE.search(line)]
+
+    def worker_pids(self):
+        """The PIDs of the gunicorn master's live children, from /proc."""
+        pids = set()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[1]) == self.pid:
+                pids.add(int(entry))
+        return pids
 
     def stop(self, timeout=10, graceful=False):
         """Stop gunicorn, then SIGKILL after `timeout` s; the exit code. By default with SIGINT,

@@ -1,5 +1,8 @@
 """End-to-end: the backend list and the health poller, as `/_backends` shows them."""
 
+import os
+import signal
+
 import requests
 
 from tests.harness import free_port, wait_until
@@ -115,25 +118,45 @@ def test_a_poll_that_meets_a_closed_connection_is_sent_once_more(fake_backend, f
     assert len(model_polls) == 2
 
 
+def fresh_get(url):
+    """One request on a connection of its own, so that any worker may take it."""
+    with requests.Session() as http:
+        return http.get(url, timeout=10)
+
+
 def test_two_workers_each_poll_and_serve(fake_backend, forwarder):
     backend = fake_backend()
     fwd = forwarder([backend.url], workers=2, wait_healthy=1)
-
-    def backends_on_a_fresh_connection():
-        # A fresh connection each time, so either worker may take it: each answers from the
-        # registry its own poller fills.
-        with requests.Session() as http:
-            return http.get(fwd.url + "/_backends").json()
-
-    # `wait_healthy` saw one worker's first poll; give the other its own.
-    wait_until(lambda: all(backends_on_a_fresh_connection()["healthy"] == 1 for _ in range(10)),
-               timeout=10)
+    # Each worker answers from the registry its own poller fills, and accepts no connection
+    # before its first poll cycle: whichever worker answers has seen the backend healthy.
     for _ in range(20):
-        document = backends_on_a_fresh_connection()
+        document = fresh_get(fwd.url + "/_backends").json()
         assert document["healthy"] == 1, document
-        with requests.Session() as http:
-            response = http.get(fwd.url + "/v1/models")
-            assert response.status_code == 200, response.text
+        response = fresh_get(fwd.url + "/v1/models")
+        assert response.status_code == 200, response.text
     log = fwd.log()
     assert log.count("Booting worker with pid") == 2
     assert "MonkeyPatchWarning" not in log
+
+
+def test_a_restarted_worker_takes_no_connection_before_its_first_poll(fake_backend, forwarder):
+    # A worker that has just started knows nothing of the fleet; were it to accept connections
+    # then, a load balancer's probe meeting it would take the whole instance out of rotation.
+    # The backend's `/metrics` answers slowly, so the new worker's first cycle lasts a while,
+    # and fresh connections keep coming all along it.
+    backend = fake_backend()
+    fwd = forwarder([backend.url], workers=2, wait_healthy=1)
+    backend.configure(metrics_delay=1.0)
+    started = {str(pid) for pid in fwd.worker_pids()}
+    os.kill(int(min(started)), signal.SIGKILL)
+    answers = []
+
+    def the_new_worker_has_answered():
+        response = fresh_get(fwd.url + "/_health")
+        answers.append((response.status_code, response.json()["status"]))
+        return {line["pid"] for line in fwd.access_lines()} - started
+
+    wait_until(the_new_worker_has_answered, timeout=15, interval=0.01,
+               message=lambda: f"the new worker never answered:\n{fwd.log()[-3000:]}")
+    assert set(answers) == {(200, "ok")}, answers
+    assert len(answers) > 20  # connections came all through the new worker's first cycle

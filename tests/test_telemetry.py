@@ -8,18 +8,15 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from forwarder import request_id, telemetry
-from tests.harness import REPO_ROOT, backend_behind_forwarder, wait_until
+from tests.harness import FIELD, REPO_ROOT, backend_behind_forwarder, wait_until
 
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "forwarder.json"
-ACCESS_LINE = re.compile(r"request_id=\S+ method=\S+ path=\S+ status=\d+ .*")
-FIELD = re.compile(r"(\w+)=(\S+)")
 
 
 def get(url, **kwargs):
@@ -46,28 +43,6 @@ def value(samples, name, **labels):
 def requests_counted(samples):
     return {labels: v for (name, labels), v in samples.items()
             if name == "forwarder_requests_total"}
-
-
-def access_lines(fwd):
-    """Each access log line as a dict of its key=value fields, in order."""
-    return [dict(FIELD.findall(line)) for line in fwd.log().splitlines()
-            if ACCESS_LINE.search(line)]
-
-
-def worker_pids(master_pid):
-    """The PIDs of the gunicorn master's live children, from /proc."""
-    pids = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z" and int(fields[1]) == master_pid:
-            pids.add(int(entry))
-    return pids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +115,7 @@ def test_metrics_add_up_over_workers_and_survive_a_worker_crash(fake_backend, fo
         nonlocal sent
         assert get(fwd.url + "/v1/models/llama").status_code == 200
         sent += 1
-        pids = {line["pid"] for line in access_lines(fwd) if line["path"] == "/v1/models/llama"}
+        pids = {line["pid"] for line in fwd.access_lines() if line["path"] == "/v1/models/llama"}
         return sent >= 5 and len(pids) == 2
 
     wait_until(both_workers_served, timeout=15, message="one worker served every request")
@@ -175,7 +150,7 @@ def test_metrics_add_up_over_workers_and_survive_a_worker_crash(fake_backend, fo
         samples = expected(scrape(fwd))
         assert value(samples, "forwarder_backend_healthy", backend=backend.url) == 1
         scrapes.append(requests_counted(samples))
-        pids = {line["pid"] for line in access_lines(fwd) if line["path"] == "/metrics"}
+        pids = {line["pid"] for line in fwd.access_lines() if line["path"] == "/metrics"}
         return len(pids) == 2
 
     wait_until(both_workers_scraped, timeout=15, message="one worker answered every scrape")
@@ -190,11 +165,11 @@ def test_metrics_add_up_over_workers_and_survive_a_worker_crash(fake_backend, fo
         next(chunks)
         wait_until(lambda: value(scrape(fwd), "forwarder_requests_in_flight",
                                  backend=backend.url) == 1, timeout=10)
-        old = worker_pids(fwd.pid)
+        old = fwd.worker_pids()
         assert len(old) == 2
         for pid in old:
             os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: len(worker_pids(fwd.pid) - old) == 2, timeout=15,
+        wait_until(lambda: len(fwd.worker_pids() - old) == 2, timeout=15,
                    message=lambda: f"workers not restarted:\n{fwd.log()[-2000:]}")
     backend.configure(stall_after=None)
     samples = expected(scrape(fwd))
@@ -279,7 +254,7 @@ def test_one_access_log_line_per_request(served):
     assert missing.status_code == 404
 
     def lines_for(rid):
-        return [line for line in access_lines(fwd) if line["request_id"] == rid]
+        return [line for line in fwd.access_lines() if line["request_id"] == rid]
 
     (line,) = wait_until(lambda: lines_for("log-line-1"))
     assert line["method"] == "POST"
