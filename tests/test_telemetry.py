@@ -143,6 +143,10 @@ def test_metrics_add_up_over_workers_and_survive_a_worker_crash(fake_backend, fo
         assert value(samples, "forwarder_requests_in_flight", backend=backend.url) == 0
         return samples
 
+    # A request is counted once its worker has closed the response, a moment after the client
+    # has read the end of it.
+    wait_until(lambda: value(scrape(fwd), "forwarder_requests_total", status="200", **chat) == 1)
+
     # Every scrape, whichever worker answers it, shows the same totals.
     scrapes = []
 
@@ -175,7 +179,7 @@ def test_metrics_add_up_over_workers_and_survive_a_worker_crash(fake_backend, fo
     samples = expected(scrape(fwd))
     assert requests_counted(samples) == scrapes[0]
     assert get(fwd.url + "/v1/models/llama").status_code == 200
-    assert value(scrape(fwd), "forwarder_requests_total", **labels) == sent + 1
+    wait_until(lambda: value(scrape(fwd), "forwarder_requests_total", **labels) == sent + 1)
 
 
 def test_retries_health_and_errors_by_backend(fake_backend, forwarder):
