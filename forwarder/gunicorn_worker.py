@@ -86,7 +86,7 @@ class Worker(GeventWorker):
 
     def init_process(self):
         self.idle = set()
-        self._end_before_kill = settings.load().end_streams_before_kill_seconds
+        self._settings = settings.load()
         self._stream_end = None
         super().init_process()
 
@@ -96,7 +96,7 @@ class Worker(GeventWorker):
         from .health import first_cycle_wait
         from .registry import REGISTRY
 
-        self._wait_for(REGISTRY.first_cycle, first_cycle_wait(settings.load()))
+        self._wait_for(REGISTRY.first_cycle, first_cycle_wait(self._settings))
         super().run()
 
     def _wait_for(self, event: gevent.event.Event, timeout: float) -> None:
@@ -132,8 +132,9 @@ class Worker(GeventWorker):
         # The master kills this worker `graceful_timeout` seconds after telling it to stop: with
         # END_STREAMS_BEFORE_KILL_SECONDS, responses still running are ended a little before,
         # while an ending can still be written.
-        if self._end_before_kill and self._stream_end is None:
-            delay = max(self.cfg.graceful_timeout - self._end_before_kill, 0.0)
+        end_before_kill = self._settings.end_streams_before_kill_seconds
+        if end_before_kill and self._stream_end is None:
+            delay = max(self.cfg.graceful_timeout - end_before_kill, 0.0)
             self._stream_end = loop.timer(delay)
             self._stream_end.start(client_watch.end_all)
 
