@@ -3,9 +3,9 @@ shutdown, to end what still runs at the end of the grace period with an answer w
 deliver its own error answers whole, and to write to clients with one system call per write.
 
 A worker that has just started knows nothing of the fleet until its poller's first cycle ends: its
-`/_health` would answer `503` and its `/_backends` would show every backend unpolled. When one of
-several workers is restarted (a crash, `SIGHUP`), a load balancer's probe could meet that worker
-and take the whole instance out of rotation. So a worker starts accepting connections only once
+`/_health` would answer `503` and its `/_backends` would show every backend unpolled. When a
+worker starts beside others (after a crash, or added with `SIGTTIN`), a load balancer's probe
+could meet it and take the whole instance out of rotation. So a worker starts accepting connections only once
 its first cycle is over, or after `health.first_cycle_wait` at most; until then the workers
 already running take every connection, and at start-up the kernel holds them in the listen queue.
 
