@@ -5,9 +5,10 @@ deliver its own error answers whole, and to write to clients with one system cal
 A worker that has just started knows nothing of the fleet until its poller's first cycle ends: its
 `/_health` would answer `503` and its `/_backends` would show every backend unpolled. When a
 worker starts beside others (after a crash, or added with `SIGTTIN`), a load balancer's probe
-could meet it and take the whole instance out of rotation. So a worker starts accepting connections only once
-its first cycle is over, or after `health.first_cycle_wait` at most; until then the workers
-already running take every connection, and at start-up the kernel holds them in the listen queue.
+could meet it and take the whole instance out of rotation. So a worker starts accepting
+connections only once its first cycle is over, or after `health.first_cycle_wait` at most; until
+then the workers already running take every connection, and at start-up the kernel holds them in
+the listen queue.
 
 gunicorn's worker waits on every open connection after `SIGTERM`, including keep-alive
 connections idling between requests, and those can idle for the whole `keepalive` time: a

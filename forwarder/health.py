@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 MAX_CONCURRENT_POLLS = 64
 # The share of the interval over which one cycle's polls are started.
 POLL_SPREAD = 0.9
-# While requests wait for a backend to come back (NO_BACKEND_WAIT_SECONDS), poll at least this often.
+# While requests wait for a backend to come back (NO_BACKEND_WAIT_SECONDS), poll at least this
+# often.
 RECOVERY_POLL_SECONDS = 0.25
 # Sent with every poll, so that a backend's access log (and a test's fake backend) can tell the
 # forwarder's own polls from the requests it relays.
@@ -33,7 +34,8 @@ POLL_USER_AGENT = "vllm-forwarder-health"
 
 def first_cycle_wait(settings) -> float:
     """How long a worker that has just started waits for its first poll cycle: a lookup's and a
-    poll's timeout, what that cycle takes when nothing answers (it polls every backend at once)."""
+    poll's timeout, what that cycle takes when nothing answers (it starts every poll at once, up
+    to MAX_CONCURRENT_POLLS)."""
     return settings.health_timeout_seconds + settings.dns_timeout_seconds
 
 

@@ -3,7 +3,8 @@
 The health poller is the only writer of scraped figures, model lists and the backend list; the
 request path reads `Registry.view` and `Registry.ring` (`fleet.py`: rebuilt only when health, a
 model list or the list changes, so picking a backend costs no scan), marks a backend down at once
-when it cannot be reached, and may wait for a backend to come back. Everything runs in one gevent worker's greenlets, so no locks are needed.
+when it cannot be reached, and may wait for a backend to come back. Everything runs in one gevent
+worker's greenlets, so no locks are needed.
 """
 
 import time

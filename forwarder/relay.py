@@ -25,9 +25,9 @@ HOP_BY_HOP = frozenset((
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
     "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
 ))
-# `Host` names the backend, not the forwarder; `upstream.send` sets `Content-Length` from the body it
-# sends; gunicorn answers `Expect: 100-continue` itself; the forwarder sends its own checked
-# `X-Request-Id` (`request_id.py`).
+# `Host` names the backend, not the forwarder; `upstream.send` sets `Content-Length` from the
+# body it sends; gunicorn answers `Expect: 100-continue` itself; the forwarder sends its own
+# checked `X-Request-Id` (`request_id.py`).
 _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", "x-request-id"}
 # gunicorn always writes its own `Server` and `Date`, and the forwarder its `X-Request-Id` (vLLM
 # echoes it with --enable-request-id-headers): passing the backend's would repeat them.

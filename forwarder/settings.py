@@ -175,7 +175,8 @@ SETTINGS = (
 
 Settings = dataclasses.make_dataclass(
     "Settings", [(s.attribute, Any) for s in SETTINGS], frozen=True)
-Settings.__doc__ = "The validated value of every setting, as attributes named like `check_interval_seconds`."
+Settings.__doc__ = ("The validated value of every setting, as attributes named like "
+                    "`check_interval_seconds`.")
 
 
 def load(environ=None) -> "Settings":
