@@ -165,7 +165,8 @@ SETTINGS = (
     Setting("MAX_REQUEST_BODY_BYTES", "67108864", _byte_count,
             "a larger request body gets `413` without being read whole (chunked uploads too)"),
     Setting("ROUTING_POLICY", "random", _routing_policy,
-            "how a backend is chosen: `random`, `least_loaded` or `affinity` (see Routing)"),
+            "how a backend is chosen: `random`, `least_loaded` or `affinity` "
+            "(see Choosing a routing policy)"),
     Setting("END_STREAMS_BEFORE_KILL_SECONDS", "0", _seconds,
             "after `SIGTERM`, responses still running this long before gunicorn's "
             "`graceful_timeout` runs out are ended with an answer (a stream: vLLM's in-band "

@@ -148,6 +148,24 @@ def test_connection_closed_without_an_answer_is_sent_once_more(fake_backend, for
         assert len(backend.requests()) == 5
 
 
+def test_a_backend_that_keeps_closing_unanswered_is_passed_over(fake_backend, forwarder):
+    # Every request `a` gets is closed without an answer (a backend stuck in its restart), while
+    # it still answers its polls: each request sent there is sent again, and once `a` has done it
+    # twice, to `b`. No client sees it, and `a` stays in rotation.
+    a = fake_backend(name="a")
+    b = fake_backend(name="b")
+    # No poll during the test: its /v1/models read would take a drop.
+    fwd = forwarder([a.url, b.url], env={"CHECK_INTERVAL_SECONDS": "600"}, wait_healthy=2)
+    wait_until(lambda: status_of(fwd, a.url)["models"] and status_of(fwd, b.url)["models"])
+    a.configure(drop_next=1000)
+    with requests.Session() as http:
+        statuses = [http.post(fwd.url + CHAT, json=chat_body()).status_code for _ in range(20)]
+    assert statuses == [200] * 20
+    assert len(b.requests()) == 20
+    assert a.requests()  # `random` sent some there first (all 20 to `b`: once in 2^20 runs)
+    assert status_of(fwd, a.url)["healthy"] is True
+
+
 # --- timeouts and broken streams -------------------------------------------------------------
 
 def test_silent_backend_gives_504_before_the_first_byte(fake_backend, forwarder):
