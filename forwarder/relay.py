@@ -22,9 +22,11 @@ log = logging.getLogger(__name__)
 
 # RFC 9110 7.6.1 connection-specific headers, plus the obsolete `Proxy-Connection`.
 HOP_BY_HOP = frozenset((
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-    "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+    "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
 ))
+# And every `Proxy-*` header (`Proxy-Authorization`, `Proxy-Connection`, `Proxy-Status` …): they
+# are meant for the proxy at hand, here the forwarder, and never for the server behind it.
+_PROXY_PREFIX = "proxy-"
 # `Host` names the backend, not the forwarder; `upstream.send` sets `Content-Length` from the
 # body it sends; gunicorn answers `Expect: 100-continue` itself; the forwarder sends its own
 # checked `X-Request-Id` (`request_id.py`).
@@ -45,14 +47,16 @@ def _connection_tokens(headers) -> "set[str]":
 def request_headers(headers) -> dict:
     """The client's headers as they go to the backend."""
     dropped = _NOT_FORWARDED | _connection_tokens(headers)
-    return {name: value for name, value in headers.items() if name.lower() not in dropped}
+    return {name: value for name, value in headers.items()
+            if (lowered := name.lower()) not in dropped and not lowered.startswith(_PROXY_PREFIX)}
 
 
 def response_headers(headers) -> "list[tuple[str, str]]":
     """The backend's headers (a urllib3 `HTTPHeaderDict`, repeated headers kept apart) as they go
     to the client."""
     dropped = _NOT_RETURNED | _connection_tokens(headers)
-    return [(name, value) for name, value in headers.items() if name.lower() not in dropped]
+    return [(name, value) for name, value in headers.items()
+            if (lowered := name.lower()) not in dropped and not lowered.startswith(_PROXY_PREFIX)]
 
 
 SHUTTING_DOWN = ("The forwarder is shutting down and its grace period is over; "

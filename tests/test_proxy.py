@@ -68,13 +68,13 @@ def test_hop_by_hop_headers_are_not_forwarded(fake_backend, forwarder):
     connection.request("GET", "/v1/any/path", headers={
         "Host": "forwarder.example", "Connection": "keep-alive, X-Secret-Hop",
         "X-Secret-Hop": "1", "Keep-Alive": "timeout=5", "TE": "trailers",
-        "Proxy-Authorization": "Basic eA==", "X-End-To-End": "yes"})
+        "Proxy-Authorization": "Basic eA==", "Proxy-Foo": "1", "X-End-To-End": "yes"})
     response = connection.getresponse()
     response.read()
     connection.close()
     assert response.status == 200
     headers = backend.requests()[0]["headers"]
-    for name in ("x-secret-hop", "keep-alive", "te", "proxy-authorization"):
+    for name in ("x-secret-hop", "keep-alive", "te", "proxy-authorization", "proxy-foo"):
         assert name not in headers
     assert headers["host"] == [f"127.0.0.1:{backend.port}"]
     assert headers["x-end-to-end"] == ["yes"]
