@@ -2,7 +2,9 @@
 
 gunicorn's own command-line flags (`--bind`, `--workers` …) and `GUNICORN_CMD_ARGS` override what
 is set here. The forwarder's settings are environment variables (`forwarder/settings.py`); they
-are validated here, in the master, so a bad one stops start-up before any worker is forked.
+are validated here, in the master, so a bad one stops start-up before any worker is forked, and
+every worker inherits them loaded. This file holds gunicorn's settings and what the master sets
+up; everything a worker does, from start to exit, is `forwarder.gunicorn_worker.Worker`.
 """
 
 import glob
@@ -36,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from forwarder import settings as _settings  # noqa: E402  (needs the path above)
 
 try:
-    _settings.load()
+    _settings.current(reload=True)
 except _settings.SettingError as _exc:
     print(f"vllm-forwarder: bad setting {_exc}", file=sys.stderr)
     if _own_metrics_dir:
@@ -44,7 +46,7 @@ except _settings.SettingError as _exc:
     sys.exit(2)
 
 bind = "0.0.0.0:9000"
-# gunicorn's gevent worker, except that idle keep-alive connections do not hold up shutdown.
+# gunicorn's gevent worker, with the forwarder's poller, first-cycle gate and drain.
 worker_class = "forwarder.gunicorn_worker.Worker"
 workers = os.cpu_count() or 1
 # Counts every open connection, streams and idle keep-alives alike; a full worker stops accepting.
@@ -76,44 +78,6 @@ control_socket_disable = True
 # `--access-logformat` override as usual.
 accesslog = "-"
 logger_class = "forwarder.access_log.AccessLogger"
-
-
-def post_fork(server, worker):
-    # This hook runs before gevent patches the worker: it only spawns, and the greenlet imports
-    # and builds everything once the worker's loop runs, patched.
-    import gevent
-
-    gevent.spawn(_run_worker_services, worker.cfg.worker_connections)
-
-
-def post_worker_init(worker):
-    # What the worker has loaded by now lives as long as it does. A full garbage collection walks
-    # every tracked object (~15-25 ms here for a worker's ~50,000 at start-up) while the hub and
-    # every stream it relays wait; frozen, these are never walked again.
-    import gc
-
-    gc.freeze()
-
-
-def worker_exit(server, worker):
-    # Frozen objects are left out of the interpreter's last collection and torn down after the
-    # modules they use, with "Exception ignored" tracebacks in the log: unfreeze them first.
-    import gc
-
-    gc.unfreeze()
-
-
-def post_request(worker, req, environ, resp):
-    # A refused upload (`413`, forwarder/access.py) ends its connection here: gunicorn would
-    # otherwise read the rest of its body, however long, to reach the next request.
-    if environ.get("forwarder.close_connection"):
-        req.must_close = True
-
-
-def _run_worker_services(worker_connections):
-    from forwarder import worker
-
-    worker.run(worker_connections)
 
 
 def child_exit(server, worker):

@@ -7,7 +7,7 @@ under gunicorn), and prints microseconds of process CPU per request:
 
 - metrics: `Exchange` from start to count (the request counter and two histograms), the
   backend's in-flight gauge up and down, with the series cached after the first request;
-- request id: `RequestIdMiddleware` taking the client's id and adding the response header;
+- request id: the app's `Edge` middleware taking the client's id and adding the response header;
 - access log: `AccessLogger.access` as `gunicorn.conf.py` sets it up, writing to /dev/null,
   beside gunicorn's generic `access_log_format` path writing the same fields, for comparison.
 """
@@ -32,10 +32,10 @@ os.environ.setdefault("IP_LIST_FILE", os.devnull)
 
 from gunicorn.config import Config  # noqa: E402
 
-from forwarder import access_log  # noqa: E402
+from forwarder import environ_keys  # noqa: E402
 from forwarder import telemetry  # noqa: E402
+from forwarder.app import Edge  # noqa: E402
 from forwarder.registry import Backend  # noqa: E402
-from forwarder.request_id import RequestIdMiddleware  # noqa: E402
 
 BACKEND = "http://10.0.0.11:8101"
 # The headers the openai SDK sends with a chat completion.
@@ -96,10 +96,11 @@ def per_request_us(run_once, requests):
 
 def metrics_hooks(backend):
     environ = gunicorn_environ()
+    environ[environ_keys.REQUEST_ID] = "client-trace-123"
 
     def once():
         exchange = telemetry.Exchange(environ, "chat/completions")
-        exchange.sending_to(BACKEND)
+        exchange.sending_to(backend)
         backend.acquire()
         exchange.first_byte()
         response = _Response()
@@ -116,7 +117,7 @@ def request_id_hooks():
         start_response("200 OK", [("Content-Type", "application/json")])
         return []
 
-    middleware = RequestIdMiddleware(app)
+    middleware = Edge(app)
     environ = gunicorn_environ()
 
     def start_response(status, headers, exc_info=None):
@@ -143,7 +144,7 @@ class _GunicornResponse:
 GENERIC_FORMAT = (
     "%(t)s request_id=%({forwarder.request_id}e)s method=%(m)s path=%({raw_uri}e)s "
     "status=%(s)s backend=%({forwarder.backend}e)s duration=%(L)s ttfb=%({forwarder.ttfb}e)s "
-    "bytes=%(b)s client=%(h)s pid=%(p)s")
+    "bytes=%(b)s cut=%({forwarder.cut}e)s client=%(h)s pid=%(p)s")
 
 
 def access_log_line(access_log_format=None):
@@ -155,8 +156,8 @@ def access_log_line(access_log_format=None):
         config.set("access_log_format", access_log_format)
     logger = config.logger_class(config)
     environ = gunicorn_environ()
-    environ.update({access_log.REQUEST_ID_KEY: "client-trace-123",
-                    access_log.BACKEND_KEY: BACKEND, access_log.TTFB_KEY: "0.012345"})
+    environ.update({environ_keys.REQUEST_ID: "client-trace-123",
+                    environ_keys.BACKEND: BACKEND, environ_keys.TTFB: "0.012345"})
     request, response = _GunicornRequest(), _GunicornResponse()
     took = timedelta(microseconds=23456)
 

@@ -2,7 +2,7 @@
 
     [27/Nov/2026:15:19:19 +0000] request_id=4ee66f6d… method=POST path=/v1/chat/completions
     status=200 backend=http://10.0.0.11:8101 duration=1.804113 ttfb=0.051270 bytes=1661
-    client=10.0.0.2 pid=24611
+    cut=- client=10.0.0.2 pid=24611
 
 (one line). `AccessLogger` is gunicorn's own logger (`logger_class` in `gunicorn.conf.py`), so
 `--access-logfile`, syslog, log configs and reopening on `SIGUSR1` work as usual, and it logs
@@ -11,8 +11,8 @@ is needed: gunicorn's generic `access_log_format` machinery copies every header 
 entry for each request, which costs ~100 µs of CPU against ~20 µs for this. An operator's own
 `--access-logformat` is still honoured, through gunicorn's generic path.
 
-The app leaves what gunicorn cannot know in the WSGI environ under the keys below; a field that
-does not apply to a request (no backend, no body relayed) is `-`.
+The app leaves what gunicorn cannot know in the WSGI environ (`environ_keys.py`); a field that
+does not apply to a request (no backend, no body relayed, a response that ended whole) is `-`.
 """
 
 import os
@@ -20,12 +20,11 @@ import time
 
 from gunicorn.glogging import Logger
 
-REQUEST_ID_KEY = "forwarder.request_id"
-BACKEND_KEY = "forwarder.backend"
-TTFB_KEY = "forwarder.ttfb"
+from . import environ_keys
+from .compat.server import operator_access_log_format
 
 LINE = ("%s request_id=%s method=%s path=%s status=%s backend=%s duration=%.6f ttfb=%s "
-        "bytes=%s client=%s pid=%d")
+        "bytes=%s cut=%s client=%s pid=%d")
 
 
 class AccessLogger(Logger):
@@ -33,8 +32,7 @@ class AccessLogger(Logger):
 
     def setup(self, cfg):
         super().setup(cfg)
-        setting = cfg.settings["access_log_format"]
-        self._operator_format = setting.value != setting.default
+        self._operator_format = operator_access_log_format(cfg)
 
     def access(self, resp, req, environ, request_time):
         if not self.access_log_enabled:
@@ -47,8 +45,9 @@ class AccessLogger(Logger):
             status = status.split(None, 1)[0]
         sent = resp.sent
         self.access_log.info(
-            LINE, time.strftime("[%d/%b/%Y:%H:%M:%S %z]"), environ.get(REQUEST_ID_KEY, "-"),
-            environ["REQUEST_METHOD"], environ["RAW_URI"], status,
-            environ.get(BACKEND_KEY, "-"), request_time.total_seconds(),
-            environ.get(TTFB_KEY, "-"), "-" if sent is None else sent,
+            LINE, time.strftime("[%d/%b/%Y:%H:%M:%S %z]"),
+            environ.get(environ_keys.REQUEST_ID, "-"), environ["REQUEST_METHOD"],
+            environ["RAW_URI"], status, environ.get(environ_keys.BACKEND, "-"),
+            request_time.total_seconds(), environ.get(environ_keys.TTFB, "-"),
+            "-" if sent is None else sent, environ.get(environ_keys.CUT, "-"),
             environ.get("REMOTE_ADDR", "-"), os.getpid())

@@ -1,14 +1,16 @@
-"""The Flask application: the `/v1/*` proxy and the forwarder's own endpoints."""
+"""The Flask application: the `/v1/*` proxy and the forwarder's own endpoints, behind one WSGI
+edge that gives every request its id and ends the connections that must end."""
 
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Rule
 
-from . import access, telemetry
+from . import auth, environ_keys, telemetry
+from .compat.server import close_connection
 from .errors import error_response
 from .proxy import Proxy
 from .registry import REGISTRY, Registry
-from .request_id import RequestIdMiddleware
+from .request_id import HEADER as REQUEST_ID_HEADER, request_id
 from .status_page import status_page
 
 
@@ -20,7 +22,7 @@ def create_app(settings, registry: Registry = REGISTRY) -> Flask:
     # later is forwarded too (Flask's own `route` would limit it to GET and answer OPTIONS itself).
     app.url_map.add(Rule("/v1/<path:subpath>", endpoint="proxy", strict_slashes=False))
     app.view_functions["proxy"] = Proxy(settings, registry)
-    access.install(app, settings)
+    auth.install(app, settings)
 
     @app.get("/_backends")
     def backends():
@@ -43,5 +45,26 @@ def create_app(settings, registry: Registry = REGISTRY) -> Flask:
     def http_error(exc: HTTPException):
         return error_response(exc.code or 500, exc.description or exc.name)
 
-    app.wsgi_app = RequestIdMiddleware(app.wsgi_app)
+    app.wsgi_app = Edge(app.wsgi_app)
     return app
+
+
+class Edge:
+    """WSGI middleware around the whole app: gives each request its id (`X-Request-Id` on every
+    answer) and makes an answer after which the connection ends say `Connection: close`."""
+
+    __slots__ = ("app",)
+
+    def __init__(self, app):
+        self.app = app
+
+    def __call__(self, environ, start_response):
+        rid = environ[environ_keys.REQUEST_ID] = request_id(environ)
+
+        def start_response_at_edge(status, headers, exc_info=None):
+            headers.append((REQUEST_ID_HEADER, rid))
+            if environ_keys.CLOSE_CONNECTION in environ:
+                close_connection(start_response)
+            return start_response(status, headers, exc_info)
+
+        return self.app(environ, start_response_at_edge)

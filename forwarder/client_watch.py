@@ -18,6 +18,8 @@ import weakref
 
 import gevent
 
+from .compat.server import raw_socket
+
 
 class ClientGone(Exception):
     """The client closed its connection; the backend connection must be dropped."""
@@ -68,7 +70,7 @@ class ClientWatch:
         self._watcher.stop()
         try:
             # The OS-level socket, which never blocks: gevent's own `recv` may not wait in the hub.
-            if self._socket._sock.recv(1, socket.MSG_PEEK):
+            if raw_socket(self._socket).recv(1, socket.MSG_PEEK):
                 return  # the client sent more (a pipelined request): it is still there
         except BlockingIOError:
             self._watcher.start(self._readable)  # a spurious wake-up: keep watching

@@ -1,9 +1,10 @@
-"""The worker's view of the fleet: one `Backend` per base URL, and the `Registry` that holds them.
+"""The fleet as this worker sees it: one `Backend` per base URL, the `Registry` that holds them, and
+the read-only `FleetView` snapshot that routing picks from.
 
-The health poller is the only writer of scraped figures, model lists and the backend list; the
-request path reads `Registry.view` and `Registry.ring` (`fleet.py`: rebuilt only when health, a
-model list or the list changes, so picking a backend costs no scan), marks a backend down at once
-when it cannot be reached, and may wait for a backend to come back. Everything runs in one gevent
+The health poller is the only writer of scraped figures, model lists and the backend list. The
+request path reads `Registry.view` (rebuilt only when health, a model list or the list changes,
+so picking a backend costs no scan) and `Registry.listed`, marks a backend down at once when it
+cannot be reached, and may wait for a backend to come back. Everything runs in one gevent
 worker's greenlets, so no locks are needed.
 """
 
@@ -12,7 +13,7 @@ import time
 from gevent.event import Event
 
 from . import telemetry
-from .fleet import FleetView, HashRing
+from .model_lists import merged_models_body
 
 
 class Backend:
@@ -66,14 +67,60 @@ class Backend:
         }
 
 
+class Group:
+    """Backends that may take a request: a tuple to pick from and a set to test membership."""
+
+    __slots__ = ("members", "member_set")
+
+    def __init__(self, members):
+        self.members = tuple(members)
+        self.member_set = frozenset(self.members)
+
+    def without(self, tried) -> "Group":
+        return Group(b for b in self.members if b not in tried)
+
+
+class FleetView:
+    """The healthy backends and the models they serve, as of the last change."""
+
+    __slots__ = ("healthy", "all_healthy", "uniform_models", "_by_model", "_any_model",
+                 "models_body")
+
+    def __init__(self, backends):
+        self.healthy = tuple(b for b in backends if b.healthy)
+        self.all_healthy = Group(self.healthy)
+        # When every healthy backend serves the same models (or every one serves any model), the
+        # model of a request changes nothing about where it may go, and whichever backend gets
+        # it answers vLLM's own 404 for a model it lacks: the request body need not be parsed.
+        self.uniform_models = len({None if b.models is None else frozenset(b.models)
+                                   for b in self.healthy}) <= 1
+        any_model = [b for b in self.healthy if b.models is None]
+        serving = {}
+        for backend in self.healthy:
+            for model in backend.models or ():
+                serving.setdefault(model, []).append(backend)
+        self._by_model = {model: Group(backends + any_model)
+                          for model, backends in serving.items()}
+        self._any_model = Group(any_model)
+        self.models_body = merged_models_body(self.healthy)
+
+    def serving(self, model: "str | None") -> Group:
+        """The healthy backends a request for `model` may go to (all of them when the model is
+        unknown or every backend serves the same models)."""
+        if model is None or self.uniform_models:
+            return self.all_healthy
+        return self._by_model.get(model, self._any_model)
+
+
 class Registry:
     """The backends of the current list, in list order, and which of them are healthy."""
 
     def __init__(self):
         self._backends = {}
+        # Every listed backend, healthy or not; a new tuple only when the list changes.
+        self.listed = ()
         self.view = FleetView(())
         self.healthy = self.view.healthy
-        self.ring = HashRing(())
         # Set once the worker's first poll cycle has finished: until then nothing is known.
         self.first_cycle = Event()
         self._some_healthy = Event()
@@ -82,7 +129,7 @@ class Registry:
         self.waiting_requests = 0
 
     def backends(self) -> "list[Backend]":
-        return list(self._backends.values())
+        return list(self.listed)
 
     def set_list(self, urls: "list[str]", sources: "dict[str, str] | None" = None) -> None:
         """Make the registry hold exactly `urls`: new ones start unhealthy until polled, removed
@@ -92,7 +139,7 @@ class Registry:
         self._backends = {url: self._backends.get(url) or Backend(url) for url in urls}
         for url, backend in self._backends.items():
             backend.source = sources.get(url)
-        self.ring = HashRing(self._backends.values())
+        self.listed = tuple(self._backends.values())
         self._refresh_healthy()
 
     def record_poll(self, backend: Backend, healthy: bool, error: "str | None",
@@ -121,6 +168,10 @@ class Registry:
     @property
     def first_cycle_done(self) -> bool:
         return self.first_cycle.is_set()
+
+    def wait_first_cycle(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the first poll cycle to end; True once it has."""
+        return self.first_cycle.wait(timeout)
 
     def wait_for_healthy(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds until some backend is healthy; True if one is."""

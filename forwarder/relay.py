@@ -14,7 +14,7 @@ import logging
 from urllib3.exceptions import HTTPError as Urllib3Error
 from werkzeug.http import parse_list_header
 
-from . import telemetry
+from . import telemetry, upstream
 from .client_watch import ClientGone, ClientWatch, ShuttingDown
 from .errors import error_body
 
@@ -68,39 +68,46 @@ def sse_error_event(message: str, code: int) -> bytes:
     return b"data: " + error_body(code, message) + b"\n\ndata: [DONE]\n\n"
 
 
-def relay_body(response, backend_url: str, sse: bool, watch: "ClientWatch | None",
-               on_first_byte):
-    """Yield the backend's body as it arrives, calling `on_first_byte()` once the first read
-    returns; close the backend connection however it ends (when the client leaves, that close is
-    what makes vLLM abort the generation)."""
+def relay_body(response, exchange, sse: bool, watch: "ClientWatch | None"):
+    """Yield the backend's body as it arrives, telling `exchange` (`telemetry.Exchange`) of its
+    first byte and of a cut; close the backend connection however it ends (when the client
+    leaves, that close is what makes vLLM abort the generation)."""
     read = response.read1
     waiting = watch or contextlib.nullcontext()
     try:
         with waiting:
             chunk = read(READ_SIZE)
-        on_first_byte()
+        exchange.first_byte()
         while chunk:
             yield chunk
             with waiting:
                 chunk = read(READ_SIZE)
     except ClientGone:
+        exchange.cut("client_left")
         telemetry.client_disconnected()
         return
     except ShuttingDown:
         # The worker is about to be killed: an SSE client is told why its stream ends here.
+        exchange.cut("shutdown")
         if sse:
             yield sse_error_event(SHUTTING_DOWN, 503)
         elif watch is not None:
             watch.abort_client()
     except GeneratorExit:
         # Closed at a `yield` before the end: gunicorn's write to the client failed.
+        exchange.cut("client_left")
         telemetry.client_disconnected()
         raise
     except (Urllib3Error, OSError) as exc:
-        timed_out = "timed out" in str(exc).lower()
-        message = (f"backend {backend_url} went silent past READ_TIMEOUT_SECONDS"
-                   if timed_out else f"backend {backend_url} broke off the response")
-        log.warning("%s mid-response (%s)", message, exc)
+        if upstream.timed_out(exc):
+            exchange.cut("backend_timeout")
+            message = (f"The backend {exchange.backend} sent nothing for "
+                       f"READ_TIMEOUT_SECONDS in the middle of the response.")
+        else:
+            exchange.cut("backend_error")
+            message = (f"The backend {exchange.backend} broke off the response: "
+                       f"{upstream.failure_reason(exc)}.")
+        log.warning("request_id=%s: %s", exchange.request_id, message)
         if sse:
             # 502 whatever the cause, as SPEC's in-band example: the request failed upstream.
             yield sse_error_event(message, 502)

@@ -7,8 +7,6 @@ back to the client on every response, and into the access log line (`access_log.
 import os
 import re
 
-from .access_log import REQUEST_ID_KEY as ENVIRON_KEY
-
 HEADER = "X-Request-Id"
 MAX_LENGTH = 128
 
@@ -24,20 +22,3 @@ def request_id(environ: dict) -> str:
     if given and _USABLE.fullmatch(given):
         return given
     return os.urandom(16).hex()
-
-
-class RequestIdMiddleware:
-    """WSGI middleware: gives each request its id (`environ[ENVIRON_KEY]`) and returns it in
-    the response's `X-Request-Id` header."""
-
-    def __init__(self, app):
-        self.app = app
-
-    def __call__(self, environ, start_response):
-        rid = environ[ENVIRON_KEY] = request_id(environ)
-
-        def start_response_with_id(status, headers, exc_info=None):
-            headers.append((HEADER, rid))
-            return start_response(status, headers, exc_info)
-
-        return self.app(environ, start_response_with_id)

@@ -18,23 +18,58 @@
 Candidates are the healthy backends that serve the request's model (`FleetView.serving`).
 """
 
+import bisect
+import hashlib
 import json
 import random
 from collections import OrderedDict
 
-from .fleet import Group, stable_hash
-
-POLICIES = ("random", "least_loaded", "affinity")
-
 SESSION_HEADER = "X-Session-ID"
 # Bounded load: no backend takes a session while over this multiple of the average load.
 LOAD_BOUND = 1.25
+# Points per backend on the ring: enough that each backend's share of keys is within a few
+# percent of even, few enough that a list of thousands of backends sorts in milliseconds.
+RING_POINTS_PER_BACKEND = 64
 # Sessions remembered away from their ring home; the least recently used are forgotten first.
 MAX_MOVED_SESSIONS = 65536
 # The start of a text prompt that keys a session. Each turn of a conversation sent as one growing
 # prompt keeps the same key once its first turn is this long; shorter prompts are cheap to
 # prefill again, so losing their cache costs little.
 PROMPT_KEY_CHARS = 256
+
+
+def stable_hash(data: bytes) -> int:
+    """A 64-bit hash that every worker and every replica computes alike (`hash()` is salted)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+class HashRing:
+    """Every listed backend at `RING_POINTS_PER_BACKEND` points of a 64-bit ring."""
+
+    __slots__ = ("_hashes", "_backends", "_distinct")
+
+    def __init__(self, backends):
+        points = sorted(((stable_hash(f"{b.url}#{i}".encode()), b.url, b)
+                         for b in backends for i in range(RING_POINTS_PER_BACKEND)),
+                        key=lambda point: point[:2])
+        self._hashes = [point[0] for point in points]
+        self._backends = [point[2] for point in points]
+        self._distinct = len({point[1] for point in points})
+
+    def walk(self, key_hash: int):
+        """Each backend once, clockwise from the key's place: its home first."""
+        if not self._backends:
+            return
+        start = bisect.bisect(self._hashes, key_hash)
+        count = len(self._backends)
+        seen = set()
+        for offset in range(count):
+            backend = self._backends[(start + offset) % count]
+            if backend not in seen:
+                seen.add(backend)
+                yield backend
+                if len(seen) == self._distinct:
+                    return
 
 
 def load(backend) -> float:
@@ -75,16 +110,30 @@ def session_key(header: "str | None", document: "dict | None") -> "str | None":
 
 
 class Router:
-    """One worker's routing policy and, for `affinity`, the sessions it moved."""
+    """One worker's routing policy and, for `affinity`, its ring and the sessions it moved."""
 
     def __init__(self, policy: str, registry):
         self.registry = registry
         self.needs_session_key = policy == "affinity"
-        self._policy = {"random": self._random, "least_loaded": self._least_loaded,
-                        "affinity": self._affinity}[policy]
+        self._policy = self.policies()[policy]
         self._moved = OrderedDict()
+        self._ring = HashRing(())
+        self._ring_of = ()
 
-    def pick(self, group: Group, key: "str | None", tried=()):
+    def policies(self) -> dict:
+        """Each value of ROUTING_POLICY (`settings.ROUTING_POLICIES`) and its method."""
+        return {"random": self._random, "least_loaded": self._least_loaded,
+                "affinity": self._affinity}
+
+    def ring(self) -> "HashRing":
+        """The ring over every listed backend, rebuilt only when the list changes."""
+        listed = self.registry.listed
+        if listed is not self._ring_of:
+            self._ring = HashRing(listed)
+            self._ring_of = listed
+        return self._ring
+
+    def pick(self, group, key: "str | None", tried=()):
         """A backend of `group` not tried yet for this request, or None."""
         if tried:
             group = group.without(tried)
@@ -93,17 +142,17 @@ class Router:
         return self._policy(group, key)
 
     @staticmethod
-    def _random(group: Group, key):
+    def _random(group, key):
         return random.choice(group.members)
 
     @staticmethod
-    def _least_loaded(group: Group, key):
+    def _least_loaded(group, key):
         members = group.members
         # `min` keeps the first of equals: starting at a random place breaks ties at random.
         start = random.randrange(len(members))
         return min(members[start:] + members[:start], key=load)
 
-    def _affinity(self, group: Group, key):
+    def _affinity(self, group, key):
         if key is None:
             return self._least_loaded(group, None)
         loads = {backend: load(backend) for backend in group.members}
@@ -119,7 +168,7 @@ class Router:
         # candidate is at the bound (a small, evenly loaded fleet), the least loaded one nearest
         # the home takes it.
         home = chosen = lightest = None
-        for backend in self.registry.ring.walk(stable_hash(key.encode())):
+        for backend in self.ring().walk(stable_hash(key.encode())):
             home = home or backend
             if backend not in loads:
                 continue

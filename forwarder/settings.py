@@ -1,20 +1,23 @@
-"""Every setting of the forwarder, declared once: name, default, how it is read, what it means.
+"""Every setting of the forwarder, declared once: name, default, type, validation and a line of docs.
 
-Settings come from environment variables. `load()` reads and validates all of them; a bad value
-raises `SettingError` whose message is one line naming the variable and the value, so start-up
-(`gunicorn.conf.py`) can print it and exit. The README's settings table mirrors `SETTINGS`; a
-test keeps the two in step.
+Settings come from environment variables. Each is one field of `Settings`, declared with
+`_setting(NAME, default, parse, doc)`: the field's annotation is its type, `parse` turns the
+variable's text into it or raises `ValueError` with the reason. `load()` reads and validates every
+one; a bad value raises `SettingError`, one line naming the variable and the value, so start-up
+(`gunicorn.conf.py`) can print it and exit. `current()` is the one load of a process. The
+README's settings table mirrors `SETTINGS`; a test keeps the two in step.
 """
 
 import dataclasses
 import ipaddress
 import math
 import os
-import urllib.parse
 import re
-from typing import Any, Callable, Optional
+import urllib.parse
+from typing import Callable, Optional
 
-from .routing import POLICIES
+# The values of ROUTING_POLICY; `routing.py` has one policy for each.
+ROUTING_POLICIES = ("random", "least_loaded", "affinity")
 
 
 class SettingError(Exception):
@@ -32,9 +35,12 @@ def _seconds(value: str) -> float:
 
 
 def _positive_seconds(value: str) -> float:
-    number = _seconds(value)
-    if number == 0:
-        raise ValueError("must be more than 0 seconds")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("not a number of seconds") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError("must be a finite number of seconds, more than 0")
     return number
 
 
@@ -100,7 +106,7 @@ def _api_key(value: str) -> Optional[str]:
     return value
 
 
-def _api_keys(value: str) -> Optional[tuple]:
+def _api_keys(value: str) -> "Optional[tuple[str, ...]]":
     if not value:
         return None
     keys = tuple(key.strip() for key in value.split(","))
@@ -110,89 +116,131 @@ def _api_keys(value: str) -> Optional[tuple]:
 
 
 def _routing_policy(value: str) -> str:
-    if value not in POLICIES:
-        raise ValueError(f"must be one of {', '.join(POLICIES)}")
+    if value not in ROUTING_POLICIES:
+        raise ValueError(f"must be one of {', '.join(ROUTING_POLICIES)}")
     return value
 
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
+    """How one environment variable is read: its name, default text, parser and doc line."""
+
     name: str
     default: Optional[str]
-    parse: Callable[[str], Any]
+    parse: Callable[[str], object]
     doc: str
     # A secret's value never appears in an error message (start-up output ends up in logs).
     secret: bool = False
 
+
+def _setting(name: str, default: Optional[str], parse: Callable[[str], object], doc: str,
+             secret: bool = False):
+    """A `Settings` field read from the environment variable `name`."""
+    return dataclasses.field(metadata={"setting": Setting(name, default, parse, doc, secret)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The validated value of every setting, as attributes named like the variable in lower case
+    (`CHECK_INTERVAL_SECONDS` is `check_interval_seconds`)."""
+
+    ip_list_file: str = _setting(
+        "IP_LIST_FILE", "ip.txt", _readable_file,
+        "the backend list, one entry a line; read again every poll cycle")
+    check_interval_seconds: float = _setting(
+        "CHECK_INTERVAL_SECONDS", "10", _positive_seconds,
+        "seconds between health polls; fractions allowed (`0.5`)")
+    backend_default_port: int = _setting(
+        "BACKEND_DEFAULT_PORT", "8101", _port,
+        "port for an `ip.txt` entry that names none")
+    forced_model_name: Optional[str] = _setting(
+        "FORCED_MODEL_NAME", None, _model_name,
+        "when set, the `model` field of every JSON-object POST body is set to it")
+    health_timeout_seconds: float = _setting(
+        "HEALTH_TIMEOUT_SECONDS", "5", _positive_seconds,
+        "a health poll that takes longer marks the backend unhealthy (`\"timeout\"`)")
+    connect_timeout_seconds: float = _setting(
+        "CONNECT_TIMEOUT_SECONDS", "5", _positive_seconds,
+        "time to open a connection to a backend before trying another")
+    read_timeout_seconds: float = _setting(
+        "READ_TIMEOUT_SECONDS", "600", _positive_seconds,
+        "longest silence from a backend, before or between chunks, before `504` "
+        "(mid-stream: an in-band error event, then the end of the stream)")
+    no_backend_wait_seconds: float = _setting(
+        "NO_BACKEND_WAIT_SECONDS", "0", _seconds,
+        "when no backend is healthy, how long a request waits for one to come back "
+        "before `503`")
+    dns_server: "Optional[tuple[str, int]]" = _setting(
+        "DNS_SERVER", None, _dns_server,
+        "`ADDRESS[:PORT]` of the DNS server that resolves `dns+` entries; unset: the "
+        "system resolver (`/etc/resolv.conf`, `/etc/hosts`, search domains)")
+    dns_timeout_seconds: float = _setting(
+        "DNS_TIMEOUT_SECONDS", "5", _positive_seconds,
+        "longest wait for one `dns+` lookup; on failure that entry keeps its last addresses")
+    forwarder_api_keys: "Optional[tuple[str, ...]]" = _setting(
+        "FORWARDER_API_KEYS", None, _api_keys,
+        "comma-separated keys; when set, every `/v1/*` request needs "
+        "`Authorization: Bearer <one of them>`, else `401`", secret=True)
+    backend_api_key: Optional[str] = _setting(
+        "BACKEND_API_KEY", None, _api_key,
+        "when set, sent to backends as `Authorization: Bearer <it>` in place of the client's "
+        "header; when unset the client's header passes through", secret=True)
+    admin_api_key: Optional[str] = _setting(
+        "ADMIN_API_KEY", None, _api_key,
+        "when set, `/_backends`, `/_status` and `/metrics` need "
+        "`Authorization: Bearer <it>`, else `401`", secret=True)
+    max_request_body_bytes: int = _setting(
+        "MAX_REQUEST_BODY_BYTES", "67108864", _byte_count,
+        "a larger request body gets `413` without being read whole (chunked uploads too)")
+    routing_policy: str = _setting(
+        "ROUTING_POLICY", "random", _routing_policy,
+        "how a backend is chosen: `random`, `least_loaded` or `affinity` "
+        "(see [Routing](#routing))")
+    end_streams_before_kill_seconds: float = _setting(
+        "END_STREAMS_BEFORE_KILL_SECONDS", "0", _seconds,
+        "after `SIGTERM`, responses still running this long before gunicorn's "
+        "`graceful_timeout` runs out are ended with an answer (a stream: vLLM's in-band "
+        "error, `503`, and `[DONE]`) instead of being cut by the kill; 0: they run until "
+        "the kill")
+
     @property
-    def attribute(self) -> str:
-        return self.name.lower()
+    def first_cycle_wait(self) -> float:
+        """The longest a worker that has just started waits for its first poll cycle: one
+        lookup's and one poll's timeout, what that cycle takes when nothing answers (its polls
+        start at once, up to the poller's concurrency)."""
+        return self.health_timeout_seconds + self.dns_timeout_seconds
 
 
-SETTINGS = (
-    Setting("IP_LIST_FILE", "ip.txt", _readable_file,
-            "the backend list, one entry a line; read again every poll cycle"),
-    Setting("CHECK_INTERVAL_SECONDS", "10", _positive_seconds,
-            "seconds between health polls; fractions allowed (`0.5`)"),
-    Setting("BACKEND_DEFAULT_PORT", "8101", _port,
-            "port for an `ip.txt` entry that names none"),
-    Setting("FORCED_MODEL_NAME", None, _model_name,
-            "when set, the `model` field of every JSON-object POST body is set to it"),
-    Setting("HEALTH_TIMEOUT_SECONDS", "5", _positive_seconds,
-            "a health poll that takes longer marks the backend unhealthy (`\"timeout\"`)"),
-    Setting("CONNECT_TIMEOUT_SECONDS", "5", _positive_seconds,
-            "time to open a connection to a backend before trying another"),
-    Setting("READ_TIMEOUT_SECONDS", "600", _positive_seconds,
-            "longest silence from a backend, before or between chunks, before `504` "
-            "(mid-stream: an in-band error event, then the end of the stream)"),
-    Setting("NO_BACKEND_WAIT_SECONDS", "0", _seconds,
-            "when no backend is healthy, how long a request waits for one to come back "
-            "before `503`"),
-    Setting("DNS_SERVER", None, _dns_server,
-            "`ADDRESS[:PORT]` of the DNS server that resolves `dns+` entries; unset: the "
-            "system resolver (`/etc/resolv.conf`, `/etc/hosts`, search domains)"),
-    Setting("DNS_TIMEOUT_SECONDS", "5", _positive_seconds,
-            "longest wait for one `dns+` lookup; on failure that entry keeps its last addresses"),
-    Setting("FORWARDER_API_KEYS", None, _api_keys,
-            "comma-separated keys; when set, every `/v1/*` request needs "
-            "`Authorization: Bearer <one of them>`, else `401`", secret=True),
-    Setting("BACKEND_API_KEY", None, _api_key,
-            "when set, sent to backends as `Authorization: Bearer <it>` in place of the client's "
-            "header; when unset the client's header passes through", secret=True),
-    Setting("ADMIN_API_KEY", None, _api_key,
-            "when set, `/_backends`, `/_status` and `/metrics` need "
-            "`Authorization: Bearer <it>`, else `401`", secret=True),
-    Setting("MAX_REQUEST_BODY_BYTES", "67108864", _byte_count,
-            "a larger request body gets `413` without being read whole (chunked uploads too)"),
-    Setting("ROUTING_POLICY", "random", _routing_policy,
-            "how a backend is chosen: `random`, `least_loaded` or `affinity` "
-            "(see Choosing a routing policy)"),
-    Setting("END_STREAMS_BEFORE_KILL_SECONDS", "0", _seconds,
-            "after `SIGTERM`, responses still running this long before gunicorn's "
-            "`graceful_timeout` runs out are ended with an answer (a stream: vLLM's in-band "
-            "error, `503`, and `[DONE]`) instead of being cut by the kill; 0: they run until "
-            "the kill"),
-)
-
-Settings = dataclasses.make_dataclass(
-    "Settings", [(s.attribute, Any) for s in SETTINGS], frozen=True)
-Settings.__doc__ = ("The validated value of every setting, as attributes named like "
-                    "`check_interval_seconds`.")
+SETTINGS = tuple(field.metadata["setting"] for field in dataclasses.fields(Settings))
+_ATTRIBUTES = tuple((field.name, field.metadata["setting"])
+                    for field in dataclasses.fields(Settings))
 
 
-def load(environ=None) -> "Settings":
+def load(environ=None) -> Settings:
     """Read every setting from `environ` (default: the process environment) and validate it."""
     environ = os.environ if environ is None else environ
     values = {}
-    for setting in SETTINGS:
+    for attribute, setting in _ATTRIBUTES:
         raw = environ.get(setting.name, setting.default)
         if raw is None:
-            values[setting.attribute] = None
+            values[attribute] = None
             continue
         try:
-            values[setting.attribute] = setting.parse(raw.strip())
+            values[attribute] = setting.parse(raw.strip())
         except (ValueError, OSError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             shown = "<hidden>" if setting.secret else repr(raw)
             raise SettingError(f"{setting.name}={shown}: {reason}") from None
     return Settings(**values)
+
+
+_current: Optional[Settings] = None
+
+
+def current(reload: bool = False) -> Settings:
+    """This process's settings, loaded on first use (or again, with `reload`). gunicorn's master
+    loads them before it forks (and again on `SIGHUP`), so a worker inherits them loaded."""
+    global _current
+    if _current is None or reload:
+        _current = load()
+    return _current

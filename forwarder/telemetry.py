@@ -20,7 +20,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from .access_log import BACKEND_KEY, TTFB_KEY
+from . import environ_keys
 
 # The `/v1/` paths of vLLM and the OpenAI API; a longer path whose start is one of these (an id
 # after it: `models/llama-3`, `responses/resp_1/cancel`) counts as that endpoint, anything else
@@ -109,24 +109,34 @@ class Exchange:
     """One `/v1` request as the metrics and the access log (`access_log.py`) see it, counted
     when it ends."""
 
-    __slots__ = ("_environ", "_endpoint", "_started", "_backend", "_first_byte", "_response")
+    __slots__ = ("_environ", "_endpoint", "_started", "backend", "_first_byte", "_response")
 
     def __init__(self, environ: dict, subpath: str):
         self._started = time.perf_counter()
         self._environ = environ
         self._endpoint = endpoint_of(subpath)
-        self._backend = NO_BACKEND
+        # The base URL of the backend the request was last sent to, or NO_BACKEND.
+        self.backend = NO_BACKEND
         self._first_byte = None
         self._response = None
 
-    def sending_to(self, backend_url: str) -> None:
+    @property
+    def request_id(self) -> str:
+        return self._environ[environ_keys.REQUEST_ID]
+
+    def sending_to(self, backend) -> None:
         """The request is being sent to this backend."""
-        self._backend = self._environ[BACKEND_KEY] = backend_url
+        self.backend = self._environ[environ_keys.BACKEND] = backend.url
 
     def first_byte(self) -> None:
         """The first byte of the backend's response body is ready to go to the client."""
         self._first_byte = elapsed = time.perf_counter() - self._started
-        self._environ[TTFB_KEY] = "%.6f" % elapsed
+        self._environ[environ_keys.TTFB] = "%.6f" % elapsed
+
+    def cut(self, reason: str) -> None:
+        """The response ended before the backend's body did, for `reason` (the access log's
+        `cut=`: `backend_error`, `backend_timeout`, `client_left`, `shutdown`)."""
+        self._environ[environ_keys.CUT] = reason
 
     def finished(self, response: Response) -> Response:
         """`response` is the answer; it is counted once the server has closed it."""
@@ -136,12 +146,12 @@ class Exchange:
 
     def _count(self) -> None:
         duration = time.perf_counter() - self._started
-        key = (self._backend, self._endpoint, self._response.status_code)
+        key = (self.backend, self._endpoint, self._response.status_code)
         count, durations = _series.get(key) or _series_for(key)
         count.inc()
         durations.observe(duration)
         if self._first_byte is not None:
-            key = (self._backend, self._endpoint)
+            key = (self.backend, self._endpoint)
             (_ttfb_series.get(key) or _ttfb_series_for(key)).observe(self._first_byte)
 
 

@@ -7,7 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from forwarder.vllm_metrics import read_load
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 BODIES = [
     "metrics_v0.11.0_V1_single-engine_harness.prom",
     "metrics_v0.11.0_V1_dp2_single-apiserver_harness.prom",

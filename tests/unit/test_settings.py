@@ -64,7 +64,7 @@ def test_fractional_interval(ip_file):
 
 
 def test_readme_lists_every_setting_with_its_default():
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parent.parent.parent / "README.md").read_text()
     rows = dict(re.findall(r"^\| `([A-Z_]+)` \| ([^|]*) \|", readme, re.MULTILINE))
     for setting in settings.SETTINGS:
         assert setting.name in rows, f"{setting.name} missing from the README's settings table"

@@ -17,7 +17,7 @@ from forwarder.app import create_app
 from forwarder.backend_list import DnsName, parse_backend_list
 from forwarder.registry import Registry
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 SETTING_NAMES = {s.name for s in settings.SETTINGS}
 

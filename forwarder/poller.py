@@ -1,8 +1,8 @@
 """The health poller: every cycle, re-read the backend list, resolve its `dns+` entries, and poll
 each backend's `/metrics`.
 
-One poller greenlet runs in each gunicorn worker (started from `post_fork`, see
-`gunicorn.conf.py`) and is the only writer of that worker's `Registry`. A backend is healthy when
+One poller greenlet runs in each gunicorn worker (started by `gunicorn_worker.Worker`) and is the
+only writer of that worker's `Registry`. A backend is healthy when
 `GET {base}/metrics` answers 200 within `HEALTH_TIMEOUT_SECONDS`; its load figures are read from
 the body but never decide health. Each healthy backend's `GET {base}/v1/models` is read too, for
 model-aware routing; a list that cannot be read means "serves any model", never "unhealthy".
@@ -15,7 +15,7 @@ import gevent
 import gevent.pool
 import urllib3.exceptions
 
-from . import backend_list, discovery, models, upstream, vllm_metrics
+from . import backend_list, discovery, model_lists, upstream, vllm_metrics
 from .registry import Backend, Registry
 
 log = logging.getLogger(__name__)
@@ -30,13 +30,6 @@ RECOVERY_POLL_SECONDS = 0.25
 # Sent with every poll, so that a backend's access log (and a test's fake backend) can tell the
 # forwarder's own polls from the requests it relays.
 POLL_USER_AGENT = "vllm-forwarder-health"
-
-
-def first_cycle_wait(settings) -> float:
-    """How long a worker that has just started waits for its first poll cycle: a lookup's and a
-    poll's timeout, what that cycle takes when nothing answers (it starts every poll at once, up
-    to MAX_CONCURRENT_POLLS)."""
-    return settings.health_timeout_seconds + settings.dns_timeout_seconds
 
 
 class Poller:
@@ -126,7 +119,7 @@ class Poller:
     def read_models(self, backend: Backend) -> "tuple[dict, ...] | None":
         """The entries of the backend's `/v1/models`, or None (any model) when unreadable."""
         try:
-            return models.read_model_list(*self.get(backend.url + "/v1/models"))
+            return model_lists.read_model_list(*self.get(backend.url + "/v1/models"))
         except PollFailed:
             return None
 
@@ -156,7 +149,7 @@ class Poller:
         except upstream.UpstreamTimeout as exc:
             raise PollFailed("timeout") from exc
         except (upstream.UpstreamFailed, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise PollFailed(upstream.describe(exc)) from exc
+            raise PollFailed(upstream.failure_reason(exc)) from exc
 
     def exchange(self, url: str) -> "tuple[int, bytes]":
         response = upstream.send("GET", url, self.headers, None, self.timeout, self.timeout,

@@ -2,9 +2,8 @@
 
 import collections
 
-from forwarder.fleet import FleetView, HashRing, stable_hash
-from forwarder.registry import Backend, Registry
-from forwarder.routing import Router, session_key
+from forwarder.registry import Backend, FleetView, Registry
+from forwarder.routing import HashRing, Router, session_key, stable_hash
 
 
 def fleet(count):

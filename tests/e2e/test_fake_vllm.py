@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import FakeBackend, wait_until
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 CHAT = {"model": "llama", "messages": [{"role": "user", "content": "Hi"}]}
 
 

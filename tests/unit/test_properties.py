@@ -11,7 +11,8 @@ import pytest
 from hypothesis import example, given, settings as hypothesis_settings, strategies as st
 
 from forwarder import backend_list, settings
-from forwarder.proxy import json_object, upstream_target, with_model
+from forwarder.proxy import upstream_target
+from forwarder.request_body import json_object, with_model
 
 # Text that looks like what an operator or an attacker would type, plus anything at all.
 ENTRY_PIECES = st.sampled_from([
