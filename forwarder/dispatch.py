@@ -3,7 +3,8 @@
 The rules, in the order `Dispatcher.send` applies them:
 
 - Candidates are the healthy backends serving the request's model. None serving it while some
-  backend is healthy: `404`, vLLM's own "model does not exist" answer.
+  backend is healthy: `404`, vLLM's own "model does not exist" answer (decided before the first
+  send: a request whose backends failed gets `502`, not `404`).
 - The routing policy picks one of the candidates not tried yet for this request.
 - A backend that cannot be connected to is marked down at once and another is tried (nothing was
   sent to it).
@@ -12,9 +13,11 @@ The rules, in the order `Dispatcher.send` applies them:
   polls). A body streamed from the client cannot be sent again: `502`.
 - No response headers within READ_TIMEOUT_SECONDS: `504`; the exchange broken after the request
   was sent: `502`. Neither is sent again: the backend may be working on it.
-- Nothing to pick: a worker whose first poll cycle is not over waits for it (its first poll
-  decides, rather than a blind `503`); then, up to NO_BACKEND_WAIT_SECONDS, for a backend to come
-  back; then `502` if some backend was tried and could not be reached, else `503`.
+- No candidate left: when none is healthy, a worker whose first poll cycle is not over waits for
+  it (its first poll decides, rather than a blind `503`), and then the request waits, up to
+  NO_BACKEND_WAIT_SECONDS from its arrival, for the fleet's view to change (a backend back, a
+  model list read); `502` when the backends it tried failed, else `503`. Candidates that are
+  healthy but were all passed over for this request: `502` at once.
 
 Everything the dispatcher touches comes in from outside (the registry, the router, the send, the
 clock), so each rule has a unit test that runs in milliseconds.
@@ -62,22 +65,21 @@ class Dispatcher:
         response's life: whoever relays it releases the backend."""
         waiting = waiting or contextlib.nullcontext()
         deadline = self.clock() + self.no_backend_wait
-        tried = []
-        stale_resent = False
+        tried = []  # backends this request may not go to again (until a poll changes the view)
+        stale_once = set()
+        failure = None  # the answer once nothing is left to try
         attempts = 0
         while True:
             view = self.registry.view
             group = view.serving(model)
-            if view.healthy and not group.members:
+            if not group.members and view.healthy and not attempts:
                 raise DispatchFailed(404, f"The model `{model}` does not exist.")
             backend = self.router.pick(group, key, tried)
             if backend is None:
-                if self._wait_for_a_backend(deadline, waiting):
-                    tried = []  # a poll has seen them healthy since they failed
+                if not group.members and self._wait_for_a_change(deadline, waiting):
+                    tried = []
                     continue
-                if tried:
-                    raise DispatchFailed(502, "No backend could be reached.")
-                raise DispatchFailed(503, "No healthy backend is available.")
+                raise failure or DispatchFailed(503, "No healthy backend is available.")
             if attempts:
                 telemetry.retried()
             attempts += 1
@@ -92,13 +94,15 @@ class Dispatcher:
                 if not exc.stale:
                     self.registry.mark_unreachable(backend, str(exc))
                     tried.append(backend)
-                elif not resendable:
-                    raise DispatchFailed(
-                        502, "The backend closed the connection without answering.") from None
-                else:
-                    if stale_resent:
-                        tried.append(backend)
-                    stale_resent = True
+                    failure = DispatchFailed(502, "No backend could be reached.")
+                    continue
+                failure = DispatchFailed(502, "The backend closed the connection without "
+                                              "answering.")
+                if not resendable:
+                    raise failure from None
+                if backend in stale_once:
+                    tried.append(backend)
+                stale_once.add(backend)
             except upstream.UpstreamTimeout:
                 backend.release()
                 raise DispatchFailed(
@@ -112,17 +116,16 @@ class Dispatcher:
             else:
                 return backend, response
 
-    def _wait_for_a_backend(self, deadline: float, waiting) -> bool:
-        """Wait for the first poll cycle if it is not over, then until `deadline` for a healthy
-        backend; True when one may be picked now."""
+    def _wait_for_a_change(self, deadline: float, waiting) -> bool:
+        """No candidate is healthy: wait for the first poll cycle if it is not over (its first
+        poll decides, rather than a blind 503), else until `deadline` for the fleet's view to
+        change; True when it may have a candidate now."""
         registry = self.registry
         if not registry.first_cycle_done:
             with waiting:
-                registry.wait_first_cycle(self.first_cycle_wait)
-            if registry.first_cycle_done:
-                return True
+                return registry.wait_first_cycle(self.first_cycle_wait)
         remaining = deadline - self.clock()
         if remaining <= 0:
             return False
         with waiting:
-            return registry.wait_for_healthy(remaining)
+            return registry.wait_for_change(remaining)

@@ -59,7 +59,7 @@ class Poller:
             except Exception:  # the poller must outlive any bug in one cycle
                 log.exception("health poll cycle failed")
             interval = self.interval
-            if self.registry.waiting_requests and not self.registry.healthy:
+            if self.registry.waiting_requests:
                 interval = min(interval, RECOVERY_POLL_SECONDS)
             self.registry.poll_requested.clear()
             self.registry.poll_requested.wait(max(0.0, interval - (time.monotonic() - started)))

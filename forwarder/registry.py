@@ -123,8 +123,9 @@ class Registry:
         self.healthy = self.view.healthy
         # Set once the worker's first poll cycle has finished: until then nothing is known.
         self.first_cycle = Event()
-        self._some_healthy = Event()
-        # Set by a request that found nothing healthy: the poller polls again at once.
+        # Set, and replaced by a fresh one, whenever `view` changes.
+        self._changed = Event()
+        # Set by a request that found no candidate: the poller polls again at once.
         self.poll_requested = Event()
         self.waiting_requests = 0
 
@@ -173,14 +174,13 @@ class Registry:
         """Wait up to `timeout` seconds for the first poll cycle to end; True once it has."""
         return self.first_cycle.wait(timeout)
 
-    def wait_for_healthy(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds until some backend is healthy; True if one is."""
-        if self.healthy:
-            return True
+    def wait_for_change(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for `view` to change, asking the poller to poll meanwhile;
+        True if it changed."""
         self.waiting_requests += 1
         self.poll_requested.set()
         try:
-            return self._some_healthy.wait(timeout)
+            return self._changed.wait(timeout)
         finally:
             self.waiting_requests -= 1
 
@@ -192,10 +192,8 @@ class Registry:
     def _refresh_healthy(self) -> None:
         self.view = FleetView(self._backends.values())
         self.healthy = self.view.healthy
-        if self.healthy:
-            self._some_healthy.set()
-        else:
-            self._some_healthy.clear()
+        changed, self._changed = self._changed, Event()
+        changed.set()
 
     def status(self) -> dict:
         """The `/_backends` document."""

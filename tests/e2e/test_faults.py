@@ -59,9 +59,9 @@ def test_client_leaving_a_stream_aborts_the_backend_within_a_second(fake_backend
         received += sock.recv(65536)
     sock.close()
     closed_at = time.time()
-    (gone,) = wait_until(backend.disconnects, timeout=3)
-    assert gone["time"] - closed_at < 1.0
-    assert gone["chunks_sent"] < 10
+    (gone,) = wait_until(backend.disconnects, timeout=5)
+    assert gone["time"] - closed_at < 2.0  # of a stream that had 39 s to go
+    assert gone["chunks_sent"] < 15
 
 
 def test_client_leaving_before_a_non_streaming_answer_aborts_the_backend(fake_backend,
@@ -72,8 +72,8 @@ def test_client_leaving_before_a_non_streaming_answer_aborts_the_backend(fake_ba
     wait_until(backend.requests)  # the request is with the backend, which is "computing"
     sock.close()
     closed_at = time.time()
-    (gone,) = wait_until(backend.disconnects, timeout=3)
-    assert gone["time"] - closed_at < 1.0
+    (gone,) = wait_until(backend.disconnects, timeout=5)
+    assert gone["time"] - closed_at < 2.0  # of an answer due in 60 s
 
 
 # --- failover before the first byte -----------------------------------------------------------
@@ -189,6 +189,15 @@ def test_stream_broken_mid_way_ends_with_vllms_in_band_error(fake_backend, forwa
     error = json.loads(events[-2].removeprefix(b"data: "))["error"]
     assert error["code"] == 502 and backend.url in error["message"]
     assert events[-1] == b"data: [DONE]"
+    # One warning and one access line, matched by the request id: the line marks the cut.
+    request_id = response.headers["X-Request-Id"]
+    cut = "backend_timeout" if fault == "stall_after" else "backend_error"
+    line = wait_until(lambda: [a for a in fwd.access_lines() if a["request_id"] == request_id])
+    assert line[0]["status"] == "200" and line[0]["cut"] == cut
+    (warning,) = [w for w in fwd.log().splitlines() if f"request_id={request_id}" in w
+                  and "WARNING" in w]
+    assert warning.endswith(f"request_id={request_id}: {error['message']}")
+    assert "((" not in warning and "IncompleteRead" not in warning
 
 
 def test_non_streaming_body_cut_short_is_never_a_complete_answer(fake_backend, forwarder):
@@ -196,6 +205,8 @@ def test_non_streaming_body_cut_short_is_never_a_complete_answer(fake_backend, f
     fwd = forwarder([backend.url], wait_healthy=1)
     with pytest.raises(requests.exceptions.ChunkedEncodingError):
         requests.post(fwd.url + CHAT, json=chat_body())
+    line = wait_until(lambda: [a for a in fwd.access_lines() if a["path"] == CHAT])
+    assert line[0]["cut"] == "backend_error"
 
 
 # --- busy is not dead -------------------------------------------------------------------------
@@ -311,9 +322,9 @@ def test_what_outlives_the_grace_period_ends_with_an_answer(fake_backend, forwar
     streaming = case.startswith("stream")
     config = {"token_delay": 0.25, "tokens": 40} if streaming else {"hang": True}
     backend = fake_backend(config=config)
-    env = {} if case.endswith("by default") else {"END_STREAMS_BEFORE_KILL_SECONDS": "2"}
+    env = {} if case.endswith("by default") else {"END_STREAMS_BEFORE_KILL_SECONDS": "3"}
     fwd = forwarder([backend.url], env=env, wait_healthy=1,
-                    extra_args=["--graceful-timeout", "4"])
+                    extra_args=["--graceful-timeout", "6"])
 
     def exchange():
         with requests.post(fwd.url + CHAT, json=chat_body(stream=streaming),
@@ -333,7 +344,7 @@ def test_what_outlives_the_grace_period_ends_with_an_answer(fake_backend, forwar
     elapsed = ended - stopped
     if case == "stream, by default":
         assert body is None  # the kill cut it: no in-band error, no [DONE]
-        assert elapsed > 3.5
+        assert elapsed > 5
         return
     if streaming:
         events = sse_events(body)
@@ -346,7 +357,7 @@ def test_what_outlives_the_grace_period_ends_with_an_answer(fake_backend, forwar
     else:
         assert response.status_code == 503
         assert "shutting down" in json.loads(body)["error"]["message"]
-    assert 1 < elapsed < 3.5  # ended before the master's kill at 4 s
+    assert 2 < elapsed < 5.5  # ended 3 s before the master's kill at 6 s
     wait_until(lambda: backend.disconnects(), timeout=5)
     assert fwd.proc.wait(10) == 0
 

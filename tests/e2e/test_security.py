@@ -244,6 +244,27 @@ def test_a_client_that_sends_its_whole_large_body_sees_413(backend, fwd, chunked
     assert backend.requests() == []
 
 
+def test_every_refusal_that_ends_its_connection_says_so_and_reaches_a_kept_alive_client(
+        backend, fwd):
+    # One session, as every SDK keeps one: each refusal must reach it, whatever came before on
+    # its connection, and must tell it that the connection ends, so that its next request goes
+    # on a new one instead of into a closed socket.
+    over = b"x" * (LIMIT + 1)
+    with session() as http:
+        for _ in range(5):
+            for data, headers, path, status in (
+                    (over, bearer("sk-first"), "/v1/completions", 413),
+                    (over + over, bearer("sk-first"), "/v1/completions", 413),
+                    (b"{}", bearer("sk-wrong"), "/v1/completions", 401),
+                    (b"{}", bearer("sk-first"), "/v1/%2e%2e/metrics", 400),
+                    (b"{}", bearer("sk-first"), "/v1/models/llama", 200)):
+                response = http.post(fwd.url + path, data=data, headers=headers)
+                assert response.status_code == status, response.text
+                if status != 200:
+                    assert response.headers["Connection"] == "close"
+    assert all(r["body_length"] == 2 for r in backend.requests())
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
 def test_a_body_of_exactly_the_limit_passes_whole(backend, fwd, chunked):
     body = bytes(range(256)) * (LIMIT // 256) + b"z" * (LIMIT % 256)

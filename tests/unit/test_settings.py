@@ -1,6 +1,7 @@
 """Unit tests for settings: defaults, validation, and the README table kept in step."""
 
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,30 @@ def test_bad_values_name_the_setting_in_one_line(ip_file, name, value):
     message = str(info.value)
     assert message.startswith(f"{name}={value!r}")
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "-0.5"])
+def test_a_positive_setting_says_zero_is_refused_too(ip_file, value):
+    with pytest.raises(settings.SettingError) as info:
+        settings.load({"IP_LIST_FILE": ip_file, "CHECK_INTERVAL_SECONDS": value})
+    assert str(info.value) == (f"CHECK_INTERVAL_SECONDS={value!r}: must be a finite number of "
+                               f"seconds, more than 0")
+
+
+def test_every_setting_has_a_real_type():
+    hints = typing.get_type_hints(settings.Settings)
+    assert len(hints) == len(settings.SETTINGS)
+    assert all(hint is not typing.Any for hint in hints.values())
+    loaded = settings.load({"IP_LIST_FILE": __file__})
+    assert isinstance(loaded.check_interval_seconds, float)
+    assert isinstance(loaded.backend_default_port, int)
+
+
+def test_routing_policy_names_match_the_policies():
+    from forwarder.registry import Registry
+    from forwarder.routing import Router
+
+    assert tuple(Router("random", Registry()).policies()) == settings.ROUTING_POLICIES
 
 
 @pytest.mark.parametrize("value, server", [

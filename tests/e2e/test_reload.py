@@ -1,0 +1,155 @@
+"""Reloads and shutdowns lose nothing for clients that keep their connections alive: a connection
+the forwarder is about to close says so (`Connection: close`) before it is closed, and a request
+sent on a connection whose last answer promised keep-alive is still answered."""
+
+import os
+import re
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from tests.harness import wait_until
+
+CHAT = "/v1/chat/completions"
+
+
+def raw_request(sock, body=b'{"model": "llama", "prompt": "hi"}', path="/v1/completions"):
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
+
+
+def read_response(sock, timeout=10):
+    """One whole HTTP/1.1 response from `sock` (Content-Length or chunked): (head, body); b""
+    for the head when the connection ended before a response."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(65536)
+        if not piece:
+            return b"", b""
+        data += piece
+    head, rest = data.split(b"\r\n\r\n", 1)
+    length = re.search(rb"(?im)^content-length: *(\d+)", head)
+    if length:
+        while len(rest) < int(length.group(1)):
+            piece = sock.recv(65536)
+            assert piece, "closed mid-body"
+            rest += piece
+        return head, rest
+    while not rest.endswith(b"0\r\n\r\n"):
+        piece = sock.recv(65536)
+        assert piece, "closed mid-body"
+        rest += piece
+    return head, rest
+
+
+def connection_header(head):
+    return re.search(rb"(?im)^connection: *(\S+)", head).group(1).lower()
+
+
+def test_a_request_right_after_a_stream_that_outlived_a_reload_is_answered(fake_backend,
+                                                                           forwarder):
+    # The stream starts before SIGHUP and promised keep-alive; its client sends the next request
+    # on the same connection the moment the stream ends, while its old worker drains.
+    backend = fake_backend(config={"tokens": 8, "token_delay": 0.25})
+    fwd = forwarder([backend.url], workers=2, wait_healthy=1)
+    with socket.create_connection(("127.0.0.1", fwd.port)) as sock:
+        raw_request(sock, b'{"model": "llama", "prompt": "hi", "stream": true}')
+        wait_until(lambda: backend.requests(), timeout=5)
+        os.kill(fwd.pid, signal.SIGHUP)
+        head, body = read_response(sock)
+        assert head.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in body
+        assert connection_header(head) == b"keep-alive"
+        raw_request(sock)
+        head, body = read_response(sock)
+        assert head.startswith(b"HTTP/1.1 200"), "the request after the stream was lost"
+        assert connection_header(head) == b"close"
+        assert b'"text"' in body
+        sock.settimeout(5)
+        assert sock.recv(1) == b""  # and then it ends
+
+
+def test_an_idle_kept_alive_connection_still_takes_a_request_after_sigterm(fake_backend,
+                                                                           forwarder):
+    backend = fake_backend(config={"tokens": 2})
+    fwd = forwarder([backend.url], wait_healthy=1)
+    with socket.create_connection(("127.0.0.1", fwd.port)) as sock:
+        raw_request(sock)
+        head, _ = read_response(sock)
+        assert connection_header(head) == b"keep-alive"
+        # Something long-running keeps the worker alive meanwhile, as under load.
+        backend.configure(first_byte_delay=3)
+        with requests.Session() as other:
+            other.trust_env = False
+            with ThreadPoolExecutor(1) as pool:
+                slow = pool.submit(other.post, fwd.url + "/v1/completions",
+                                   json={"model": "llama", "prompt": "slow"}, timeout=10)
+                wait_until(lambda: len(backend.requests()) == 2, timeout=5)
+                os.kill(fwd.pid, signal.SIGTERM)
+                time.sleep(0.5)  # the client's next request comes a moment after the signal
+                backend.configure(first_byte_delay=0)
+                raw_request(sock)
+                head, body = read_response(sock)
+                assert head.startswith(b"HTTP/1.1 200"), "the idle connection was closed"
+                assert connection_header(head) == b"close"
+                assert slow.result(timeout=10).status_code == 200
+    assert fwd.proc.wait(15) == 0
+
+
+def test_an_idle_connection_holds_up_shutdown_only_for_the_drain(fake_backend, forwarder):
+    backend = fake_backend()
+    fwd = forwarder([backend.url], wait_healthy=1)
+    with socket.create_connection(("127.0.0.1", fwd.port)) as sock:
+        raw_request(sock)
+        read_response(sock)
+        started = time.monotonic()
+        os.kill(fwd.pid, signal.SIGTERM)
+        sock.settimeout(10)
+        assert sock.recv(1) == b""  # closed by the forwarder, not held for `keepalive` (75 s)
+        assert fwd.proc.wait(15) == 0
+        # DRAIN_IDLE_SECONDS (2 s) and gunicorn's one-second checks, with room for a slow box.
+        assert time.monotonic() - started < 10
+
+
+def test_no_request_is_lost_over_a_reload_under_load(fake_backend, forwarder):
+    # Clients that keep their connections alive, as every SDK does, send request after request
+    # while the instance reloads: every one gets its answer.
+    backend = fake_backend(config={"tokens": 3, "token_delay": 0.02})
+    fwd = forwarder([backend.url], workers=2, wait_healthy=1)
+    reloaded_at = {}
+    errors = []
+
+    def client(index):
+        answered = 0
+        with requests.Session() as session:
+            session.trust_env = False
+            while "done" not in reloaded_at:
+                stream = index % 2 == 0
+                try:
+                    response = session.post(
+                        fwd.url + CHAT, timeout=10,
+                        json={"model": "llama", "stream": stream,
+                              "messages": [{"role": "user", "content": f"c{index}"}]})
+                    if response.status_code != 200 or (stream and not response.content.endswith(
+                            b"data: [DONE]\n\n")):
+                        errors.append((response.status_code, response.content[:200]))
+                    answered += 1
+                except requests.RequestException as exc:
+                    errors.append(repr(exc))
+        return answered
+
+    with ThreadPoolExecutor(8) as pool:
+        clients = [pool.submit(client, i) for i in range(8)]
+        time.sleep(1)
+        old_workers = fwd.worker_pids()
+        os.kill(fwd.pid, signal.SIGHUP)
+        wait_until(lambda: not (fwd.worker_pids() & old_workers), timeout=20,
+                   message="the old workers did not exit")
+        time.sleep(1)
+        reloaded_at["done"] = True
+        answered = sum(c.result(timeout=20) for c in clients)
+    assert not errors, errors[:5]
+    assert answered > 50
