@@ -12,6 +12,7 @@ import contextlib
 import logging
 
 from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.util import SKIP_HEADER
 from werkzeug.http import parse_list_header
 
 from . import telemetry, upstream
@@ -35,6 +36,10 @@ _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", "x-request-id
 # echoes it with --enable-request-id-headers): passing the backend's would repeat them.
 _NOT_RETURNED = HOP_BY_HOP | {"server", "date", "x-request-id"}
 
+# What urllib3 and http.client send when a request does not say (urllib3's documented way to
+# leave them out is SKIP_HEADER).
+_ADDED_BY_DEFAULT = ("User-Agent", "Accept-Encoding")
+
 # One read takes whatever has arrived, up to this much.
 READ_SIZE = 65536
 
@@ -45,10 +50,16 @@ def _connection_tokens(headers) -> "set[str]":
 
 
 def request_headers(headers) -> dict:
-    """The client's headers as they go to the backend."""
+    """The client's headers as they go to the backend, and nothing the HTTP client would add of
+    its own (urllib3's `User-Agent`, http.client's `Accept-Encoding: identity`)."""
     dropped = _NOT_FORWARDED | _connection_tokens(headers)
-    return {name: value for name, value in headers.items()
-            if (lowered := name.lower()) not in dropped and not lowered.startswith(_PROXY_PREFIX)}
+    forwarded = {name: value for name, value in headers.items()
+                 if (lowered := name.lower()) not in dropped
+                 and not lowered.startswith(_PROXY_PREFIX)}
+    for name in _ADDED_BY_DEFAULT:
+        if name not in headers:
+            forwarded[name] = SKIP_HEADER
+    return forwarded
 
 
 def response_headers(headers) -> "list[tuple[str, str]]":

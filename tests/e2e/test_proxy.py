@@ -80,6 +80,18 @@ def test_hop_by_hop_headers_are_not_forwarded(fake_backend, forwarder):
     assert headers["x-end-to-end"] == ["yes"]
 
 
+def test_the_backend_gets_no_header_the_client_did_not_send(fake_backend, forwarder):
+    backend = fake_backend()
+    fwd = forwarder(ip_lines(backend), wait_healthy=1)
+    with socket.create_connection(("127.0.0.1", fwd.port), timeout=10) as sock:
+        sock.sendall(b"GET /v1/any/path HTTP/1.1\r\nHost: x\r\nX-Only: 1\r\n"
+                     b"Connection: close\r\n\r\n")
+        while sock.recv(65536):
+            pass
+    headers = backend.requests()[0]["headers"]
+    assert set(headers) == {"host", "x-only", "x-request-id"}
+
+
 def test_backend_errors_pass_through(fake_backend, forwarder):
     backend = fake_backend(config={"strict_models": True})
     fwd = forwarder(ip_lines(backend), wait_healthy=1)
