@@ -35,7 +35,8 @@ else:
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from forwarder import settings as _settings  # noqa: E402  (needs the path above)
+from forwarder import host_table as _host_table  # noqa: E402  (needs the path above)
+from forwarder import settings as _settings  # noqa: E402
 
 try:
     _settings.current(reload=True)
@@ -44,6 +45,10 @@ except _settings.SettingError as _exc:
     if _own_metrics_dir:
         shutil.rmtree(_metrics_dir, ignore_errors=True)
     sys.exit(2)
+
+# What the workers of this instance share (forwarder/host_table.py): made here, in the master,
+# before the first fork, so every worker maps the same memory; a reload (SIGHUP) keeps it.
+_table = _host_table.shared()
 
 bind = "0.0.0.0:9000"
 # gunicorn's gevent worker, with the forwarder's poller, first-cycle gate and drain.
@@ -80,11 +85,18 @@ accesslog = "-"
 logger_class = "forwarder.access_log.AccessLogger"
 
 
+def pre_fork(server, worker):
+    # Each worker writes its own row of the host table.
+    worker.slot = _table.claim_slot()
+
+
 def child_exit(server, worker):
-    # A dead worker's in-flight requests are over: drop its live gauges from /metrics. Its
-    # counters and histograms stay, so the totals survive a worker restart.
+    # A dead worker's in-flight requests are over: its row of the host table is cleared, and its
+    # live gauges leave /metrics. Its counters and histograms stay, so the totals survive a
+    # worker restart.
     from prometheus_client import multiprocess
 
+    _table.release_slot(worker.slot)
     multiprocess.mark_process_dead(worker.pid)
 
 

@@ -1,1 +1,1 @@
-"""The benchmark: `python bench/run.py [--quick]` (see README, Performance)."""
+"""The benchmark: `python bench/run.py [--quick]` (see bench/README.md)."""

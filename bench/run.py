@@ -503,7 +503,7 @@ def hub_blocks_while_polling(workdir, backend, seconds, pins) -> dict:
         forwarder.stop()
     stacks = [report.split("Blocked Stack", 1)[-1].split("\nInfo:", 1)[0]
               for report in window.split(" appears to be blocked")[1:]]
-    polls = [stack for stack in stacks if "forwarder/health.py" in stack]
+    polls = [stack for stack in stacks if "forwarder/poller.py" in stack]
     # A report whose innermost frame is a socket call caught the process inside the kernel
     # (on this VM a `send` now and then takes milliseconds), not running Python.
     in_kernel = sum(re.findall(r'File "([^"]+)", line \d+, in (\w+)', stack)[-1][0]

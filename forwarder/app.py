@@ -9,12 +9,14 @@ from . import auth, environ_keys, telemetry
 from .compat.server import close_connection
 from .errors import error_response
 from .proxy import Proxy
-from .registry import REGISTRY, Registry
+from . import registry as fleet
+from .registry import Registry
 from .request_id import HEADER as REQUEST_ID_HEADER, request_id
 from .status_page import status_page
 
 
-def create_app(settings, registry: Registry = REGISTRY) -> Flask:
+def create_app(settings, registry: "Registry | None" = None) -> Flask:
+    registry = registry if registry is not None else fleet.shared()
     app = Flask(__name__)
     # `/v1//models` must reach the proxy as it is, not be redirected by Werkzeug.
     app.url_map.merge_slashes = False

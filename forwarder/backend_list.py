@@ -34,6 +34,12 @@ class DnsName:
         """The entry as `/_backends` shows it for each backend it stands for."""
         return f"{DNS_PREFIX}{self.name}:{self.port}"
 
+    @classmethod
+    def from_source(cls, source: str) -> "DnsName | None":
+        """The entry a `source` names, or None when it names none."""
+        name, _, port = source.removeprefix(DNS_PREFIX).rpartition(":")
+        return cls(name, int(port)) if source.startswith(DNS_PREFIX) and port.isdigit() else None
+
 
 def url_host(host: str) -> str:
     """The host as it is written inside a URL, or ValueError."""

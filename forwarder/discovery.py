@@ -82,6 +82,17 @@ class Discovery:
         # The entries whose lookups fail: each failure is logged once, until a lookup works again.
         self.failing: "set[DnsName]" = set()
 
+    def remember(self, backends) -> None:
+        """Take the addresses of the `dns+` entries from `backends` as they are listed now (a new
+        list leader), so that a failed lookup keeps them as it would have kept its own."""
+        listed = {}
+        for backend in backends:
+            name = DnsName.from_source(backend.source) if backend.source else None
+            if name is not None:
+                listed.setdefault(name, []).append(backend.url)
+        for name, urls in listed.items():
+            self.known.setdefault(name, urls)
+
     def expand(self, entries: "list[str | DnsName]") -> "tuple[list[str], dict[str, str]]":
         """The distinct base URLs the entries stand for, in list order, and the `dns+` source of
         each URL that was discovered (a URL also listed directly keeps its first entry's)."""

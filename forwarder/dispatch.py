@@ -28,6 +28,11 @@ import time
 
 from . import telemetry, upstream
 from .errors import error_response
+from .registry import WEIGHT_UNITS
+
+# A backend's own answers that count as failures towards its ejection (busy, 429 and 503, and
+# the client's own mistakes, 4xx, never do).
+FAILED_STATUSES = frozenset((500, 502, 504))
 
 
 class DispatchFailed(Exception):
@@ -52,17 +57,18 @@ class Dispatcher:
         self.read_timeout = settings.read_timeout_seconds
         self.clock = clock
 
-    def send(self, attempt, model: "str | None", key: "str | None", resendable: bool = True,
-             waiting=None, on_attempt=None):
+    def send(self, attempt, model: "str | None", key: "str | None",
+             weight: int = WEIGHT_UNITS, resendable: bool = True, waiting=None, on_attempt=None):
         """(backend, response) of the first backend that answered `attempt(backend)` with
         response headers; `DispatchFailed` otherwise.
 
         `attempt` sends the request to one backend (`upstream.send`'s errors mean what they mean
-        there); `model` and `key` route it; `resendable` is False for a body that is streamed
-        from the client; `waiting` is entered around every wait on a backend or for one (the
+        there); `model` and `key` route it, and `weight` (`registry.weight_of`) weighs it;
+        `resendable` is False for a body that is streamed from the client; `waiting` is entered around every wait on a backend or for one (the
         client watch, which interrupts it when the client leaves); `on_attempt(backend)` is
-        called before each send. The chosen backend's in-flight count is raised for the
-        response's life: whoever relays it releases the backend."""
+        called before each send. Each outcome counts towards the backend's ejection
+        (`Registry.record_outcome`). The chosen backend's in-flight figures are raised by
+        `weight` for the response's life: whoever relays it releases the backend."""
         waiting = waiting or contextlib.nullcontext()
         deadline = self.clock() + self.no_backend_wait
         tried = []  # backends this request may not go to again (until a poll changes the view)
@@ -74,7 +80,7 @@ class Dispatcher:
             group = view.serving(model)
             if not group.members and view.healthy and not attempts:
                 raise DispatchFailed(404, f"The model `{model}` does not exist.")
-            backend = self.router.pick(group, key, tried)
+            backend = self.router.pick(group, key, tried, weight)
             if backend is None:
                 if not group.members and self._wait_for_a_change(deadline, waiting):
                     tried = []
@@ -85,14 +91,15 @@ class Dispatcher:
             attempts += 1
             if on_attempt is not None:
                 on_attempt(backend)
-            backend.acquire()
+            backend.acquire(weight)
             try:
                 with waiting:
                     response = attempt(backend)
             except upstream.ConnectFailed as exc:
-                backend.release()
+                backend.release(weight)
                 if not exc.stale:
                     self.registry.mark_unreachable(backend, str(exc))
+                    self.registry.record_outcome(backend, str(exc))
                     tried.append(backend)
                     failure = DispatchFailed(502, "No backend could be reached.")
                     continue
@@ -104,16 +111,21 @@ class Dispatcher:
                     tried.append(backend)
                 stale_once.add(backend)
             except upstream.UpstreamTimeout:
-                backend.release()
+                backend.release(weight)
+                self.registry.record_outcome(backend, "timeout")
                 raise DispatchFailed(
                     504, f"The backend did not answer within {self.read_timeout:g} s.") from None
             except upstream.UpstreamFailed as exc:
-                backend.release()
+                backend.release(weight)
+                self.registry.record_outcome(backend, str(exc))
                 raise DispatchFailed(502, f"The backend failed before answering: {exc}.") from None
             except BaseException:
-                backend.release()
+                backend.release(weight)
                 raise
             else:
+                status = response.status
+                self.registry.record_outcome(
+                    backend, None, status if status in FAILED_STATUSES else 0)
                 return backend, response
 
     def _wait_for_a_change(self, deadline: float, waiting) -> bool:

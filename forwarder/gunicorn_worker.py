@@ -3,11 +3,12 @@
 `gunicorn.conf.py` names this class as `worker_class`; it is gunicorn's gevent worker
 (`compat.server.GeventWorker`) with everything the forwarder does in a worker, in order:
 
-- **Start.** Once gevent has patched the process and the app is loaded (`run`): the log goes
-  where gunicorn's error log goes, the relay's connection pool is sized for
-  `worker_connections`, the health poller starts, and what was loaded so far is frozen out of the
-  garbage collector's full sweeps (`gc.freeze()`: one walked the ~50,000 objects of a fresh worker
-  in 15–25 ms, with every stream waiting).
+- **Start.** The worker takes the host-table slot the master handed it (`pre_fork` in
+  `gunicorn.conf.py`). Once gevent has patched the process and the app is loaded (`run`): the log
+  goes where gunicorn's error log goes, the relay's connection pool is sized for
+  `worker_connections`, the health poller starts (its share of the instance's polling), and what
+  was loaded so far is frozen out of the garbage collector's full sweeps (`gc.freeze()`: one
+  walked the ~50,000 objects of a fresh worker in 15–25 ms, with every stream waiting).
 - **The first-cycle gate.** A worker knows nothing of the fleet until its poller's first cycle
   ends: its `/_health` would answer `503` and a load balancer's probe could take the whole
   instance out of rotation when a worker starts beside others (after a crash, or `SIGTTIN`). So
@@ -17,6 +18,15 @@
 - **Serve.** gunicorn's own loop; after gunicorn's own error answer to a request it could not
   parse, what the client still sends is discarded for a moment (`request_body.linger`), so no
   reset destroys the answer.
+- **Share connections.** Every worker of an instance waits on the same listening socket, and the
+  first to wake takes a connection, which then stays with it for as long as its client keeps it
+  alive: a burst of connections (clients reconnecting their pools to a restarted instance) could
+  all land on one worker and leave the others idle. So a worker that holds more than
+  ACCEPT_SLACK connections more than the least busy of its siblings stops accepting (nginx's
+  `accept_mutex` and `accept_disabled` do the like), and starts again once it no longer does;
+  the kernel holds the connections meanwhile and the others take them. A sibling still in its
+  first cycle counts for STARTING_SIBLING_SECONDS, so a burst at start-up waits for it that long
+  at most.
 - **Drain** (`SIGTERM`, and `SIGHUP`, which replaces every worker). gunicorn's worker waits on
   every open connection, idle keep-alive ones included, which could idle for the whole
   `keepalive` time. Closing them at once instead loses requests: a response that ended just
@@ -36,13 +46,16 @@
 
 import gc
 import logging
+import os
 import time
 
 import gevent
 import gevent.event
 
-from . import client_watch, settings
+from . import client_watch, host_table, settings
 from .compat.server import GeventWorker
+from .host_table import (DRAINING, READY, S_CONNECTIONS, S_HEARTBEAT, S_STARTED, S_STATE,
+                         STARTING)
 from .request_body import linger
 
 # After gunicorn's own error answer to a request it could not parse (400, 414, 431 …): at most
@@ -51,6 +64,15 @@ ERROR_LINGER_BYTES = 1 << 20
 # Once the worker is stopping, how long a connection is kept open after its last response for a
 # request its client may already be sending.
 DRAIN_IDLE_SECONDS = 2.0
+# A worker accepts while it holds at most this many connections more than the least busy sibling.
+ACCEPT_SLACK = 1
+# How long a sibling that has not finished its first cycle still counts as one to leave
+# connections to, from its start; and how stale a sibling's heartbeat may be before it stops
+# counting (a worker stuck on its CPU is no sibling to wait for).
+STARTING_SIBLING_SECONDS = 2.0
+SIBLING_HEARTBEAT_SECONDS = 2.0
+# While a worker leaves connections to its siblings, how often it looks whether to take them again.
+ACCEPT_CHECK_SECONDS = 0.02
 
 
 class _IdleWait:
@@ -97,24 +119,32 @@ class Worker(GeventWorker):
 
     def init_process(self):
         self.settings = settings.current()
+        self.table = host_table.shared()
+        slot = getattr(self, "slot", None)
+        if slot is None:  # not forked by this project's gunicorn.conf.py: a slot of its own
+            slot = self.table.claim_slot()
+        self.table.attach(slot, os.getpid())
         self.idle = set()
         self._stream_end = None
+        self._paused = None
         super().init_process()
 
     def run(self):
         # Imported only now that gevent has patched this process: the master imports this module,
         # and what these import (requests, urllib3) must not be loaded unpatched.
-        from . import upstream
+        from . import registry, upstream
         from .poller import Poller
-        from .registry import REGISTRY
 
         forwarder_log = logging.getLogger("forwarder")
         forwarder_log.handlers = logging.getLogger("gunicorn.error").handlers
         forwarder_log.setLevel(logging.INFO)
         forwarder_log.propagate = False
         upstream.configure(pool_maxsize=self.cfg.worker_connections)
-        gevent.spawn(Poller(REGISTRY, self.settings).run_forever)
-        self._wait_for(REGISTRY.first_cycle, self.settings.first_cycle_wait)
+        fleet = registry.shared()
+        gevent.spawn(Poller(fleet, self.settings).run_forever)
+        self._wait_for(fleet.first_cycle, self.settings.first_cycle_wait)
+        if self.alive:
+            self.table.set_own(S_STATE, READY)
         gc.freeze()
         try:
             super().run()
@@ -134,11 +164,48 @@ class Worker(GeventWorker):
     def idle_wait(self):
         return _IdleWait(self)
 
+    def connection_opened(self) -> None:
+        self.table.add_own(S_CONNECTIONS, 1)
+        if self._paused is None and self._over_share():
+            self.accepting(False)
+            self._paused = gevent.get_hub().loop.timer(ACCEPT_CHECK_SECONDS,
+                                                       ACCEPT_CHECK_SECONDS)
+            self._paused.start(self._check_share)
+
+    def connection_closed(self) -> None:
+        self.table.add_own(S_CONNECTIONS, -1)
+
+    def _check_share(self) -> None:
+        if self.alive and self._over_share():
+            return
+        self._paused.close()
+        self._paused = None
+        if self.alive:
+            self.accepting(True)
+
+    def _over_share(self) -> bool:
+        """Whether a sibling holds more than ACCEPT_SLACK connections fewer than this worker."""
+        table, own = self.table, self.table.slot
+        now = time.time()
+        fewest = None
+        for slot in table.live_slots():
+            if slot == own or now - table.slot_float(slot, S_HEARTBEAT) > SIBLING_HEARTBEAT_SECONDS:
+                continue
+            state = table.slot_word(slot, S_STATE)
+            if state == STARTING and now - table.slot_float(slot, S_STARTED) \
+                    > STARTING_SIBLING_SECONDS:
+                continue
+            if state in (STARTING, READY):
+                connections = table.slot_word(slot, S_CONNECTIONS)
+                fewest = connections if fewest is None else min(fewest, connections)
+        return fewest is not None and table.slot_word(own, S_CONNECTIONS) > fewest + ACCEPT_SLACK
+
     def after_error_answer(self, client) -> None:
         linger(client, ERROR_LINGER_BYTES)
 
     def handle_exit(self, sig, frame):
         super().handle_exit(sig, frame)
+        self.table.set_own(S_STATE, DRAINING)
         loop = gevent.get_hub().loop
         loop.run_callback(self._drain_idle_waits)
         # The master kills this worker `graceful_timeout` seconds after telling it to stop: with

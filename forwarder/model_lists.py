@@ -8,10 +8,10 @@ lacks.
 import json
 
 
-def read_model_list(status: int, body: bytes) -> "tuple[dict, ...] | None":
-    """The model entries of a `/v1/models` answer, each a dict with a string `id`; None when the
-    answer is not a readable list."""
-    if status != 200:
+def read_model_list(body: "bytes | None") -> "tuple[dict, ...] | None":
+    """The model entries of a `/v1/models` answer's body, each a dict with a string `id`; None
+    when there is no body or it is not a readable list."""
+    if body is None:
         return None
     try:
         document = json.loads(body)

@@ -10,6 +10,7 @@ Multipart bodies (audio) never are. `GET /v1/models` is answered from the fleet'
 built once per change.
 """
 
+import functools
 import posixpath
 import urllib.parse
 
@@ -20,7 +21,7 @@ from .client_watch import ClientGone, ClientWatch, ShuttingDown
 from .dispatch import Dispatcher, DispatchFailed
 from .environ_keys import CLOSE_CONNECTION, REQUEST_ID
 from .errors import error_response
-from .registry import Registry
+from .registry import Registry, weight_of
 from .request_id import HEADER as REQUEST_ID_HEADER
 from .routing import SESSION_HEADER, Router, session_key
 
@@ -112,13 +113,15 @@ class Proxy:
         if self.backend_authorization:
             headers["Authorization"] = self.backend_authorization
 
+        weight = weight_of(len(body) if body else 0)
+
         def attempt(backend):
             return upstream.send(method, backend.url + target, headers, body,
                                  self.connect_timeout, self.read_timeout)
 
         try:
             backend, response = self.dispatcher.send(
-                attempt, model if isinstance(model, str) else None, key,
+                attempt, model if isinstance(model, str) else None, key, weight,
                 resendable=not streamed, waiting=watch, on_attempt=exchange.sending_to)
         except ClientGone:
             watch.stop()
@@ -140,7 +143,7 @@ class Proxy:
                                   headers=relay.response_headers(response.headers))
         # For HEAD, 204 and 304 Werkzeug never starts the generator, so its `finally` never runs.
         relayed.call_on_close(response.close)
-        relayed.call_on_close(backend.release)
+        relayed.call_on_close(functools.partial(backend.release, weight))
         if watch:
             relayed.call_on_close(watch.stop)
         return exchange.finished(relayed)

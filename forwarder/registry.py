@@ -1,55 +1,106 @@
-"""The fleet as this worker sees it: one `Backend` per base URL, the `Registry` that holds them, and
-the read-only `FleetView` snapshot that routing picks from.
+"""The fleet as this worker sees it: one `Backend` per listed base URL, the `Registry` that holds
+them, and the read-only `FleetView` snapshot that routing picks from.
 
-The health poller is the only writer of scraped figures, model lists and the backend list. The
-request path reads `Registry.view` (rebuilt only when health, a model list or the list changes,
-so picking a backend costs no scan) and `Registry.listed`, marks a backend down at once when it
-cannot be reached, and may wait for a backend to come back. Everything runs in one gevent
-worker's greenlets, so no locks are needed.
+What the instance knows of a backend lives in the host table (`host_table.py`), shared by its
+workers: the list (the leader writes it), each backend's last poll (its poll owner writes it),
+the last time a request could not connect to it, its failures in a row and its ejection. The
+registry mirrors the table into plain attributes (`sync`, when the table's change counter moved),
+and writes what this worker learns into it. The request path reads `Registry.view` (rebuilt only
+when health, a model list or the list changes, so picking a backend costs no scan) and the
+host-wide in-flight figures, which are read from the table at the moment they are needed.
+
+A backend is healthy when its last poll answered 200 and no request failed to connect to it, and
+no ejection began, since that poll. Each change of a backend's state is logged once per
+instance, by the worker that caused it: added to or removed from the list (the leader), healthy
+or unhealthy (the poll owner, or the worker whose request could not connect), ejected (the
+worker whose request failed), returned (the poll owner).
 """
 
+import logging
+import math
 import time
 
 from gevent.event import Event
 
-from . import telemetry
-from .model_lists import merged_models_body
+from . import host_table, model_lists, telemetry
+from .host_table import (C_DOWN_AT, C_DOWN_REASON, C_EJECT_REASON, C_EJECT_SECONDS,
+                         C_EJECT_STATUS, C_EJECTED_UNTIL, C_FAILURES, C_IN_FLIGHT_AT_POLL,
+                         C_KV_CACHE, C_LAST_FAILURE, C_LAST_FAILURE_STATUS, C_POLL_OK,
+                         C_POLL_REASON, C_POLL_STATUS, C_POLLED_AT, C_RUNNING, C_WAITING, REASONS,
+                         HostTable, reason_code)
+
+log = logging.getLogger("forwarder.backends")
+
+# The longest one ejection lasts, however often the backend is ejected again.
+MAX_EJECT_SECONDS = 600.0
+# A request weighs 1 + its body's length / this many bytes (a 100,000-token prompt, ~400 KB,
+# weighs about 100; a 10-token one, 1), counted in sixteenths so that it stays an integer.
+BYTES_PER_REQUEST = 4096
+WEIGHT_UNITS = 16
+
+
+def weight_of(body_length: int) -> int:
+    """A request's weight, in WEIGHT_UNITS per request, from its body's length in bytes."""
+    return WEIGHT_UNITS + body_length * WEIGHT_UNITS // BYTES_PER_REQUEST
+
+
+def _figure(value: float) -> "float | None":
+    return None if math.isnan(value) else value
+
+
+def _error_text(reason: int, status: int) -> "str | None":
+    return f"HTTP {status}" if status else REASONS[reason]
 
 
 class Backend:
-    """One vLLM server, known by its base URL, as last seen by this worker."""
+    """One vLLM server, known by its base URL and its column of the host table."""
 
-    __slots__ = ("url", "source", "healthy", "num_requests_running", "num_requests_waiting",
-                 "last_checked_at", "last_error", "in_flight", "_in_flight_gauge",
-                 "in_flight_at_poll", "models", "model_entries")
+    __slots__ = ("url", "column", "source", "healthy", "num_requests_running",
+                 "num_requests_waiting", "kv_cache_usage", "last_checked_at", "last_error",
+                 "ejected_until", "in_flight_at_poll", "models", "model_entries", "models_seq",
+                 "_table", "_in_flight_gauge")
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, column: int, table: HostTable):
         self.url = url
+        self.column = column
+        self._table = table
         # The `dns+NAME:PORT` entry the backend was discovered through; None when listed itself.
         self.source = None
         self.healthy = False
         self.num_requests_running = None
         self.num_requests_waiting = None
+        self.kv_cache_usage = None
         self.last_checked_at = None
         self.last_error = None
-        # Requests this worker has sent to the backend and not finished relaying: never stale.
-        self.in_flight = 0
-        # `in_flight` when the figures were last scraped: those requests are in the figures.
+        self.ejected_until = None
+        # The instance's requests in flight to it when it was last polled: the scraped figures
+        # already count them.
         self.in_flight_at_poll = 0
         # The ids and entries of its `/v1/models` list; None while unknown, which means "any".
         self.models = None
         self.model_entries = None
-        # The same count summed over every worker, for /metrics.
+        self.models_seq = 0
+        # The same count, per worker, for /metrics (summed over workers there).
         self._in_flight_gauge = telemetry.in_flight_gauge(url)
 
-    def acquire(self) -> None:
-        """One request is being sent to this backend."""
-        self.in_flight += 1
+    @property
+    def in_flight(self) -> int:
+        """Requests every worker of the instance has sent to it and not finished relaying."""
+        return self._table.in_flight(self.column)
+
+    @property
+    def in_flight_weight(self) -> int:
+        """The weight of those requests, in WEIGHT_UNITS per request."""
+        return self._table.in_flight_weight(self.column)
+
+    def acquire(self, weight: int = WEIGHT_UNITS) -> None:
+        """One request of `weight` is being sent to this backend."""
+        self._table.acquire(self.column, weight)
         self._in_flight_gauge.inc()
 
-    def release(self) -> None:
-        """One request relayed through this backend has finished."""
-        self.in_flight -= 1
+    def release(self, weight: int = WEIGHT_UNITS) -> None:
+        """One request of `weight` relayed through this backend has finished."""
+        self._table.release(self.column, weight)
         self._in_flight_gauge.dec()
 
     def status(self) -> dict:
@@ -60,24 +111,22 @@ class Backend:
             "healthy": self.healthy,
             "num_requests_running": self.num_requests_running,
             "num_requests_waiting": self.num_requests_waiting,
+            "kv_cache_usage": self.kv_cache_usage,
             "last_checked_at": self.last_checked_at,
             "last_error": self.last_error,
+            "ejected_until": self.ejected_until,
             "in_flight": self.in_flight,
             "models": None if self.models is None else list(self.models),
         }
 
 
 class Group:
-    """Backends that may take a request: a tuple to pick from and a set to test membership."""
+    """Backends that may take a request."""
 
-    __slots__ = ("members", "member_set")
+    __slots__ = ("members",)
 
     def __init__(self, members):
         self.members = tuple(members)
-        self.member_set = frozenset(self.members)
-
-    def without(self, tried) -> "Group":
-        return Group(b for b in self.members if b not in tried)
 
 
 class FleetView:
@@ -102,7 +151,7 @@ class FleetView:
         self._by_model = {model: Group(backends + any_model)
                           for model, backends in serving.items()}
         self._any_model = Group(any_model)
-        self.models_body = merged_models_body(self.healthy)
+        self.models_body = model_lists.merged_models_body(self.healthy)
 
     def serving(self, model: "str | None") -> Group:
         """The healthy backends a request for `model` may go to (all of them when the model is
@@ -112,16 +161,40 @@ class FleetView:
         return self._by_model.get(model, self._any_model)
 
 
+def _effective(table: HostTable, column: int) -> "tuple[bool, str | None]":
+    """(healthy, last error) of a column as the table has it now."""
+    polled_at = table.float(column, C_POLLED_AT)
+    if not table.word(column, C_POLL_OK):
+        if not polled_at:
+            return False, None
+        return False, _error_text(table.word(column, C_POLL_REASON),
+                                  table.word(column, C_POLL_STATUS))
+    ejected_until = table.float(column, C_EJECTED_UNTIL)
+    if ejected_until and polled_at <= ejected_until:
+        last = _error_text(table.word(column, C_EJECT_REASON), table.word(column, C_EJECT_STATUS))
+        return False, f"ejected: failed requests in a row (last: {last})"
+    if table.float(column, C_DOWN_AT) >= polled_at:
+        return False, REASONS[table.word(column, C_DOWN_REASON)]
+    return True, None
+
+
 class Registry:
     """The backends of the current list, in list order, and which of them are healthy."""
 
-    def __init__(self):
+    def __init__(self, table: "HostTable | None" = None, eject_after_failures: int = 0,
+                 eject_seconds: float = 30.0):
+        self.table = table if table is not None else HostTable.private()
+        self.eject_after_failures = eject_after_failures
+        self.eject_seconds = eject_seconds
         self._backends = {}
+        self._by_column = {}
         # Every listed backend, healthy or not; a new tuple only when the list changes.
         self.listed = ()
         self.view = FleetView(())
         self.healthy = self.view.healthy
-        # Set once the worker's first poll cycle has finished: until then nothing is known.
+        self._list_version = -1
+        self._changes = -1
+        # Set once every listed backend has been polled: until then nothing is known.
         self.first_cycle = Event()
         # Set, and replaced by a fresh one, whenever `view` changes.
         self._changed = Event()
@@ -132,39 +205,180 @@ class Registry:
     def backends(self) -> "list[Backend]":
         return list(self.listed)
 
-    def set_list(self, urls: "list[str]", sources: "dict[str, str] | None" = None) -> None:
-        """Make the registry hold exactly `urls`: new ones start unhealthy until polled, removed
-        ones are dropped (requests already relayed through them keep their own reference).
-        `sources` names the `dns+` entry of each URL that was discovered."""
-        sources = sources or {}
-        self._backends = {url: self._backends.get(url) or Backend(url) for url in urls}
-        for url, backend in self._backends.items():
-            backend.source = sources.get(url)
-        self.listed = tuple(self._backends.values())
-        self._refresh_healthy()
+    # --- reading the table ---------------------------------------------------------------------
 
-    def record_poll(self, backend: Backend, healthy: bool, error: "str | None",
-                    figures: "dict | None" = None) -> None:
-        figures = figures or {}
-        backend.num_requests_running = figures.get("num_requests_running")
-        backend.num_requests_waiting = figures.get("num_requests_waiting")
-        backend.in_flight_at_poll = backend.in_flight
-        backend.last_checked_at = time.time()
-        backend.last_error = error
-        self._set_health(backend, healthy)
-
-    def record_models(self, backend: Backend, entries: "tuple[dict, ...] | None") -> None:
-        """The model entries its `/v1/models` just listed, or None when they could not be read."""
-        if entries == backend.model_entries:
+    def sync(self) -> None:
+        """Mirror the table, if anything changed since the last time."""
+        table = self.table
+        changes = table.changes
+        if changes == self._changes:
             return
-        backend.model_entries = entries
-        backend.models = None if entries is None else tuple(e["id"] for e in entries)
-        self._refresh_healthy()
+        self._changes = changes
+        refresh = False
+        if table.list_version != self._list_version:
+            self._list_version = table.list_version
+            self._mirror_list(table.read_list())
+            refresh = True
+        for backend in self.listed:
+            refresh |= self._mirror(backend)
+        if refresh:
+            self._refresh_view()
+        if not self.first_cycle.is_set() and self._list_version > 0 and all(
+                backend.last_checked_at is not None for backend in self.listed):
+            self.first_cycle.set()
 
-    def mark_unreachable(self, backend: Backend, error: str) -> None:
-        """A request could not connect: take the backend out of rotation until a poll succeeds."""
+    def _mirror_list(self, entries) -> None:
+        backends = {}
+        for column, url, source in entries:
+            backend = self._backends.get(url)
+            if backend is None or backend.column != column:
+                backend = Backend(url, column, self.table)
+            backend.source = source
+            backends[url] = backend
+        self._backends = backends
+        self._by_column = {b.column: b for b in backends.values()}
+        self.listed = tuple(backends.values())
+
+    def _mirror(self, backend: Backend) -> bool:
+        """Copy one backend's column into its attributes; True if routing must see it anew."""
+        table, column = self.table, backend.column
+        healthy, error = _effective(table, column)
+        polled_at = table.float(column, C_POLLED_AT)
+        backend.last_checked_at = polled_at or None
         backend.last_error = error
-        self._set_health(backend, False)
+        backend.num_requests_running = _figure(table.float(column, C_RUNNING))
+        backend.num_requests_waiting = _figure(table.float(column, C_WAITING))
+        backend.kv_cache_usage = _figure(table.float(column, C_KV_CACHE))
+        backend.in_flight_at_poll = table.word(column, C_IN_FLIGHT_AT_POLL)
+        ejected_until = table.float(column, C_EJECTED_UNTIL)
+        backend.ejected_until = ejected_until if not healthy and ejected_until > time.time() \
+            else None
+        refresh = healthy != backend.healthy
+        backend.healthy = healthy
+        seq = table.models_seq(column)
+        if seq != backend.models_seq and seq % 2 == 0:
+            backend.models_seq = seq
+            entries = model_lists.read_model_list(table.read_models(column))
+            if entries != backend.model_entries:
+                backend.model_entries = entries
+                backend.models = None if entries is None else tuple(e["id"] for e in entries)
+                refresh = True
+        return refresh
+
+    def _refresh_view(self) -> None:
+        self.view = FleetView(self.listed)
+        self.healthy = self.view.healthy
+        changed, self._changed = self._changed, Event()
+        changed.set()
+
+    def _update(self, backend: Backend) -> None:
+        """Mirror `backend` now, after this worker wrote its column."""
+        self.table.changed()
+        if self._mirror(backend):
+            self._refresh_view()
+
+    # --- writing it ----------------------------------------------------------------------------
+
+    def publish_list(self, urls: "list[str]", sources: "dict[str, str]", where: str) -> None:
+        """The list leader's reading of the backend list (`where` names it in the log)."""
+        now = time.time()
+        first = self.table.list_version == 0
+        try:
+            added, removed = self.table.write_list(urls, sources, now, quarantine=60.0)
+        except ValueError as exc:
+            log.error("%s: %s; keeping the last list", where, exc)
+            return
+        for url in added:
+            log.info("backend %s added to the list", url)
+        for url in removed:
+            log.info("backend %s removed from the list", url)
+        if not urls and (first or removed):
+            log.warning("%s names no backend: every request gets 503", where)
+        self.sync()
+
+    def record_poll(self, backend: Backend, healthy: bool, reason: "str | None" = None,
+                    status: int = 0, figures: "dict | None" = None) -> None:
+        """The result of polling `backend` (its poll owner): healthy or not, why not (a failure
+        reason of `upstream.failure_reason`, or the HTTP status), and the load figures read."""
+        table, column = self.table, backend.column
+        was_healthy, _ = _effective(table, column)
+        was_polled = bool(table.float(column, C_POLLED_AT))
+        ejected_until = table.float(column, C_EJECTED_UNTIL)
+        figures = figures or {}
+        for word, name in ((C_RUNNING, "num_requests_running"),
+                           (C_WAITING, "num_requests_waiting"), (C_KV_CACHE, "kv_cache_usage")):
+            value = figures.get(name)
+            table.set_float(column, word, host_table.UNKNOWN if value is None else value)
+        table.set_word(column, C_IN_FLIGHT_AT_POLL, table.in_flight(column))
+        table.set_word(column, C_POLL_REASON, reason_code(reason) if reason else 0)
+        table.set_word(column, C_POLL_STATUS, status)
+        table.set_word(column, C_POLL_OK, int(healthy))
+        table.set_float(column, C_POLLED_AT, time.time())
+        is_healthy, error = _effective(table, column)
+        if is_healthy != was_healthy or not was_polled:
+            if is_healthy and ejected_until and was_polled:
+                log.info("backend %s returned after its ejection", backend.url)
+            elif is_healthy:
+                log.info("backend %s is healthy", backend.url)
+            else:
+                log.warning("backend %s is unhealthy (%s)", backend.url, error)
+        self._update(backend)
+
+    def write_models(self, backend: Backend, body: "bytes | None") -> None:
+        """The body of the backend's `/v1/models` answer, or None when it could not be read."""
+        self.table.write_models(backend.column, body, time.time())
+        self._update(backend)
+
+    def mark_unreachable(self, backend: Backend, reason: str) -> None:
+        """A request could not connect: out of rotation until a poll succeeds."""
+        table, column = self.table, backend.column
+        was_healthy, _ = _effective(table, column)
+        table.set_word(column, C_DOWN_REASON, reason_code(reason))
+        table.set_float(column, C_DOWN_AT, time.time())
+        if was_healthy:
+            log.warning("backend %s is unhealthy (%s)", backend.url, reason)
+        self._update(backend)
+
+    def record_outcome(self, backend: Backend, failure: "str | None", status: int = 0) -> None:
+        """How a request sent to `backend` went: `failure` (a failure reason, or the backend's
+        own 500, 502 or 504 as `status`) or None for an answer. EJECT_AFTER_FAILURES of them in a
+        row eject the backend, never more than half of the list at once."""
+        table, column = self.table, backend.column
+        if failure is None and not status:
+            if table.word(column, C_FAILURES):
+                table.set_word(column, C_FAILURES, 0)
+            return
+        failures = table.word(column, C_FAILURES) + 1
+        table.set_word(column, C_FAILURES, failures)
+        table.set_word(column, C_LAST_FAILURE, reason_code(failure) if failure else 0)
+        table.set_word(column, C_LAST_FAILURE_STATUS, status)
+        if not self.eject_after_failures or failures < self.eject_after_failures:
+            return
+        now = time.time()
+        if not _effective(table, column)[0]:
+            return  # already out of rotation
+        ejected = sum(1 for other in self.listed
+                      if table.float(other.column, C_EJECTED_UNTIL) > now)
+        if ejected + 1 > len(self.listed) // 2:
+            return
+        last_until = table.float(column, C_EJECTED_UNTIL)
+        last_seconds = table.float(column, C_EJECT_SECONDS)
+        # Ejected again soon after its return (within its last ejection's length): twice as long.
+        seconds = self.eject_seconds
+        if last_until and now - last_until < last_seconds:
+            seconds = min(last_seconds * 2, MAX_EJECT_SECONDS)
+        table.set_word(column, C_FAILURES, 0)
+        table.set_word(column, C_EJECT_REASON, table.word(column, C_LAST_FAILURE))
+        table.set_word(column, C_EJECT_STATUS, status)
+        table.set_float(column, C_EJECT_SECONDS, seconds)
+        table.set_float(column, C_EJECTED_UNTIL, now + seconds)
+        telemetry.ejected(backend.url)
+        log.warning("backend %s ejected for %g s after %d failed requests in a row (last: %s)",
+                    backend.url, seconds, failures, _error_text(reason_code(failure)
+                                                                if failure else 0, status))
+        self._update(backend)
+
+    # --- waiting -------------------------------------------------------------------------------
 
     @property
     def first_cycle_done(self) -> bool:
@@ -175,30 +389,37 @@ class Registry:
         return self.first_cycle.wait(timeout)
 
     def wait_for_change(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for `view` to change, asking the poller to poll meanwhile;
-        True if it changed."""
+        """Wait up to `timeout` seconds for `view` to change, asking the poll owners to poll
+        meanwhile; True if it changed."""
         self.waiting_requests += 1
+        self.table.want_polls(time.time())
         self.poll_requested.set()
         try:
             return self._changed.wait(timeout)
         finally:
             self.waiting_requests -= 1
 
-    def _set_health(self, backend: Backend, healthy: bool) -> None:
-        if backend.healthy != healthy:
-            backend.healthy = healthy
-            self._refresh_healthy()
-
-    def _refresh_healthy(self) -> None:
-        self.view = FleetView(self._backends.values())
-        self.healthy = self.view.healthy
-        changed, self._changed = self._changed, Event()
-        changed.set()
+    def queued(self) -> int:
+        """Requests waiting in the instance's queue now."""
+        return self.table.slot_sum(host_table.S_QUEUED)
 
     def status(self) -> dict:
         """The `/_backends` document."""
-        backends = [b.status() for b in self._backends.values()]
-        return {"backends": backends, "healthy": len(self.healthy), "total": len(backends)}
+        backends = [b.status() for b in self.listed]
+        return {"backends": backends, "healthy": len(self.healthy), "total": len(backends),
+                "queued": self.queued()}
 
 
-REGISTRY = Registry()
+_shared = None
+
+
+def shared() -> Registry:
+    """This worker's registry over the instance's host table."""
+    global _shared
+    if _shared is None:
+        from . import settings
+
+        loaded = settings.current()
+        _shared = Registry(host_table.shared(), loaded.eject_after_failures,
+                           loaded.eject_seconds)
+    return _shared

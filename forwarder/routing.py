@@ -1,19 +1,24 @@
 """Choosing the backend for one request: the `ROUTING_POLICY`, applied to the fleet's view.
 
 - `random`: any candidate, uniformly.
-- `least_loaded`: the candidate with the least load, ties broken at random. A backend's load is
-  its scraped `num_requests_waiting` + `num_requests_running` plus this worker's own requests in
-  flight to it, which is never stale (the scraped figures already count the requests this worker
-  had in flight when they were read; those are not counted twice). Because each pick raises the
-  chosen backend's in-flight count at once, a burst between two polls spreads request by request
-  instead of piling onto the backend that looked idlest at the last poll. (Two random choices, the
-  usual remedy for stale figures, measured worse here: `bench/fleet_sim.py`, README.)
+- `least_loaded`: the candidate with the least load, ties broken at random, among those whose KV
+  cache is less than KV_NEARLY_FULL (all of them, when none is). A backend's load is
+
+      load = max(0, running + waiting − counted) + weight in flight / WEIGHT_UNITS
+
+  where `running` and `waiting` are its scraped `num_requests_*`, `counted` the instance's
+  requests in flight to it when they were scraped (already in those figures), and `weight in
+  flight` the weight of the instance's requests in flight to it now, all workers together
+  (`registry.weight_of`: 1 + body bytes / 4 KiB per request). Because each pick raises the chosen
+  backend's figure at once, a burst between two polls spreads request by request instead of
+  piling onto the backend that looked idlest at the last poll. (Two random choices, the usual
+  remedy for stale figures, measured worse here: `bench/fleet_sim.py`.)
 - `affinity`: consistent hashing with bounded loads. A session key maps to its home on the ring;
   a backend is skipped when taking the request would lift its load over 1.25 × the average
-  (`load + 1 > 1.25 × (total load + 1) / candidates`), so a session moves when its backend is
-  down or overloaded. A session that moved is remembered
-  and stays where it moved (its prefix cache is there now) until that backend is down or over the
-  bound too.
+  (`load + w > 1.25 × (total load + w) / candidates`, `w` the request's weight), or when its KV
+  cache is nearly full while another's is not, so a session moves when its backend is down or
+  overloaded. A session that moved is remembered and stays where it moved (its prefix cache is
+  there now) until that backend is down or over the bound too.
 
 Candidates are the healthy backends that serve the request's model (`FleetView.serving`).
 """
@@ -24,9 +29,13 @@ import json
 import random
 from collections import OrderedDict
 
+from .registry import WEIGHT_UNITS
+
 SESSION_HEADER = "X-Session-ID"
 # Bounded load: no backend takes a session while over this multiple of the average load.
 LOAD_BOUND = 1.25
+# A KV cache this full is about to preempt and recompute: avoided while another has room.
+KV_NEARLY_FULL = 0.9
 # Points per backend on the ring: enough that each backend's share of keys is within a few
 # percent of even, few enough that a list of thousands of backends sorts in milliseconds.
 RING_POINTS_PER_BACKEND = 64
@@ -73,11 +82,20 @@ class HashRing:
 
 
 def load(backend) -> float:
-    """Requests queued at or running on the backend, as far as this worker knows: the scraped
-    figures, less this worker's own requests that they already counted, plus this worker's
-    requests in flight now."""
+    """Requests queued at or running on the backend, in requests of weight 1, as far as the
+    instance knows (see the module docstring)."""
     scraped = (backend.num_requests_running or 0) + (backend.num_requests_waiting or 0)
-    return max(0, scraped - backend.in_flight_at_poll) + backend.in_flight
+    return max(0, scraped - backend.in_flight_at_poll) + backend.in_flight_weight / WEIGHT_UNITS
+
+
+def kv_nearly_full(backend) -> bool:
+    return (backend.kv_cache_usage or 0.0) >= KV_NEARLY_FULL
+
+
+def _with_room(members):
+    """The members whose KV cache is not nearly full, or all of them when none has room."""
+    roomy = tuple(b for b in members if not kv_nearly_full(b))
+    return roomy or members
 
 
 def session_key(header: "str | None", document: "dict | None") -> "str | None":
@@ -133,34 +151,35 @@ class Router:
             self._ring_of = listed
         return self._ring
 
-    def pick(self, group, key: "str | None", tried=()):
-        """A backend of `group` not tried yet for this request, or None."""
-        if tried:
-            group = group.without(tried)
-        if len(group.members) < 2:
-            return group.members[0] if group.members else None
-        return self._policy(group, key)
-
-    @staticmethod
-    def _random(group, key):
-        return random.choice(group.members)
-
-    @staticmethod
-    def _least_loaded(group, key):
+    def pick(self, group, key: "str | None", tried=(), weight: int = WEIGHT_UNITS):
+        """A backend of `group` not tried yet for this request (of `weight`), or None."""
         members = group.members
+        if tried:
+            members = tuple(b for b in members if b not in tried)
+        if len(members) < 2:
+            return members[0] if members else None
+        return self._policy(members, key, weight / WEIGHT_UNITS)
+
+    @staticmethod
+    def _random(members, key, weight):
+        return random.choice(members)
+
+    @staticmethod
+    def _least_loaded(members, key, weight):
+        members = _with_room(members)
         # `min` keeps the first of equals: starting at a random place breaks ties at random.
         start = random.randrange(len(members))
         return min(members[start:] + members[:start], key=load)
 
-    def _affinity(self, group, key):
+    def _affinity(self, members, key, weight):
         if key is None:
-            return self._least_loaded(group, None)
-        loads = {backend: load(backend) for backend in group.members}
+            return self._least_loaded(members, None, weight)
+        loads = {backend: load(backend) for backend in _with_room(members)}
         # The bound: with this request, no more than LOAD_BOUND × the average (but room for one
         # request even on an idle fleet).
-        bound = max(1.0, LOAD_BOUND * (sum(loads.values()) + 1) / len(loads))
+        bound = max(weight, LOAD_BOUND * (sum(loads.values()) + weight) / len(loads))
         moved = self._moved.get(key)
-        if moved in loads and loads[moved] + 1 <= bound:
+        if moved in loads and loads[moved] + weight <= bound:
             self._moved.move_to_end(key)
             return moved
         # The home is the key's first backend on the ring, a candidate or not: a session that
@@ -172,7 +191,7 @@ class Router:
             home = home or backend
             if backend not in loads:
                 continue
-            if loads[backend] + 1 <= bound:
+            if loads[backend] + weight <= bound:
                 chosen = backend
                 break
             if lightest is None or loads[backend] < loads[lightest]:

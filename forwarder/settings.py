@@ -115,6 +115,16 @@ def _api_keys(value: str) -> "Optional[tuple[str, ...]]":
     return tuple(_api_key(key) for key in keys)
 
 
+def _count(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError("not a whole number") from None
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
 def _routing_policy(value: str) -> str:
     if value not in ROUTING_POLICIES:
         raise ValueError(f"must be one of {', '.join(ROUTING_POLICIES)}")
@@ -168,8 +178,8 @@ class Settings:
         "(mid-stream: an in-band error event, then the end of the stream)")
     no_backend_wait_seconds: float = _setting(
         "NO_BACKEND_WAIT_SECONDS", "0", _seconds,
-        "when no backend is healthy, how long a request waits for one to come back "
-        "before `503`")
+        "when no healthy backend serves a request's model, how long it waits for one to come "
+        "back before `503` (or `502`, when the ones it tried failed)")
     dns_server: "Optional[tuple[str, int]]" = _setting(
         "DNS_SERVER", None, _dns_server,
         "`ADDRESS[:PORT]` of the DNS server that resolves `dns+` entries; unset: the "
@@ -196,6 +206,29 @@ class Settings:
         "ROUTING_POLICY", "random", _routing_policy,
         "how a backend is chosen: `random`, `least_loaded` or `affinity` "
         "(see [Routing](#routing))")
+    max_in_flight_per_backend: int = _setting(
+        "MAX_IN_FLIGHT_PER_BACKEND", "0", _count,
+        "the most requests one instance has in flight to one backend, all workers together; "
+        "past it a request waits in the instance's queue for the first backend that frees up "
+        "(see [Load control](#load-control)); 0: no limit")
+    max_queued_requests: int = _setting(
+        "MAX_QUEUED_REQUESTS", "1000", _count,
+        "requests waiting in that queue, per instance; one more gets `429` at once")
+    queue_timeout_seconds: float = _setting(
+        "QUEUE_TIMEOUT_SECONDS", "30", _positive_seconds,
+        "the longest wait in the queue; then `429`")
+    queue_target_seconds: float = _setting(
+        "QUEUE_TARGET_SECONDS", "1", _positive_seconds,
+        "once the queue has not emptied for this long, every request in it that has waited "
+        "this long gets `429` at once, until the queue empties again")
+    eject_after_failures: int = _setting(
+        "EJECT_AFTER_FAILURES", "5", _count,
+        "a backend whose requests fail this many times in a row is taken out of rotation "
+        "although its `/metrics` answers; 0: never")
+    eject_seconds: float = _setting(
+        "EJECT_SECONDS", "30", _positive_seconds,
+        "how long an ejection lasts; doubled each time the same backend is ejected again soon "
+        "after its return, up to 10 minutes")
     end_streams_before_kill_seconds: float = _setting(
         "END_STREAMS_BEFORE_KILL_SECONDS", "0", _seconds,
         "after `SIGTERM`, responses still running this long before gunicorn's "
@@ -232,6 +265,15 @@ def load(environ=None) -> Settings:
             shown = "<hidden>" if setting.secret else repr(raw)
             raise SettingError(f"{setting.name}={shown}: {reason}") from None
     return Settings(**values)
+
+
+def markdown_table() -> str:
+    """The README's settings table, generated from the declarations."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for setting in SETTINGS:
+        default = "unset" if setting.default is None else f"`{setting.default}`"
+        rows.append(f"| `{setting.name}` | {default} | {setting.doc} |")
+    return "\n".join(rows)
 
 
 _current: Optional[Settings] = None

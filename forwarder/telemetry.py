@@ -69,6 +69,22 @@ RETRIES = Counter(
     "Requests sent again: to another backend because the one picked could not be connected "
     "to, or once more when a kept-alive connection turned out closed without an answer.",
     registry=_LOCAL)
+EJECTIONS = Counter(
+    "forwarder_ejections_total",
+    "Times a backend was taken out of rotation for failing requests in a row.",
+    ("backend",), registry=_LOCAL)
+REJECTED = Counter(
+    "forwarder_rejected_total",
+    "Requests refused with 429 before reaching a backend, by reason (queue_full, queue_timeout, "
+    "queue_overload).",
+    ("reason",), registry=_LOCAL)
+# A request waits in the queue from milliseconds to QUEUE_TIMEOUT_SECONDS (30 s).
+QUEUE_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, float("inf"))
+QUEUE_WAIT = Histogram(
+    "forwarder_queue_wait_seconds",
+    "Seconds a request waited in the instance's queue (MAX_IN_FLIGHT_PER_BACKEND), whether it "
+    "was then sent or refused.",
+    buckets=QUEUE_WAIT_BUCKETS, registry=_LOCAL)
 CLIENT_DISCONNECTS = Counter(
     "forwarder_client_disconnects_total",
     "Requests whose client went away before the whole response was relayed.",
@@ -163,15 +179,27 @@ def retried() -> None:
     RETRIES.inc()
 
 
+def ejected(backend_url: str) -> None:
+    EJECTIONS.labels(backend_url).inc()
+
+
+def rejected(reason: str) -> None:
+    REJECTED.labels(reason).inc()
+
+
+def queue_waited(seconds: float) -> None:
+    QUEUE_WAIT.observe(seconds)
+
+
 def in_flight_gauge(backend_url: str):
     """The in-flight gauge of one backend, for `Backend` to move as requests start and end."""
     return IN_FLIGHT.labels(backend_url)
 
 
 class FleetCollector:
-    """The backends' health and load as this worker's poller last saw them, read when scraped:
-    every worker polls the whole fleet, and a backend removed from the list leaves no stale
-    series behind (multiprocess files can only ever grow)."""
+    """The backends' health and load and the queue, read from the host table (through this
+    worker's registry) when scraped: the same whichever worker answers, and a backend removed
+    from the list leaves no stale series behind (multiprocess files can only ever grow)."""
 
     def __init__(self, registry):
         self._registry = registry
@@ -188,13 +216,24 @@ class FleetCollector:
             "forwarder_backend_requests_waiting",
             "The backend's own vllm:num_requests_waiting at its last poll (absent: unknown).",
             labels=("backend",))
+        kv_cache = GaugeMetricFamily(
+            "forwarder_backend_kv_cache_usage",
+            "The backend's KV-cache use at its last poll, 0 to 1, the highest over its engines "
+            "(absent: unknown).",
+            labels=("backend",))
+        queued = GaugeMetricFamily(
+            "forwarder_queue_depth",
+            "Requests waiting in the instance's queue now, all workers together.")
         for backend in self._registry.backends():
             healthy.add_metric((backend.url,), 1.0 if backend.healthy else 0.0)
             if backend.num_requests_running is not None:
                 running.add_metric((backend.url,), backend.num_requests_running)
             if backend.num_requests_waiting is not None:
                 waiting.add_metric((backend.url,), backend.num_requests_waiting)
-        return (healthy, running, waiting)
+            if backend.kv_cache_usage is not None:
+                kv_cache.add_metric((backend.url,), backend.kv_cache_usage)
+        queued.add_metric((), self._registry.queued())
+        return (healthy, running, waiting, kv_cache, queued)
 
 
 class Scrape:

@@ -130,7 +130,7 @@ def send(method: str, url: str, headers: dict, body, connect_timeout: float,
         return send_prepared(adapter, method, url, headers, body,
                              (connect_timeout, read_timeout)).raw
     except StaleConnection as exc:
-        raise ConnectFailed(str(exc), stale=True) from exc
+        raise ConnectFailed("closed without an answer", stale=True) from exc
     except requests.ConnectTimeout as exc:
         raise ConnectFailed("timeout") from exc
     except requests.ReadTimeout as exc:

@@ -13,7 +13,7 @@ UTF-8 or not JSON (or JSON nested too deep to parse), then checks that
 - the forwarder stayed up: the same workers (none crashed or was restarted), no traceback in its
   log, and a normal request still answered.
 
-`tests/test_fuzz.py` runs a few hundred cases of it as part of the suite.
+`tests/e2e/test_fuzz.py` runs a few hundred cases of it as part of the suite.
 """
 
 import argparse

@@ -2,7 +2,7 @@
 
 Both are started from the repository root with this interpreter, log to a file (never a pipe
 that nobody drains), are waited on through HTTP with a deadline, and are stopped by PID.
-`tests/conftest.py` wraps them in fixtures that stop everything even when a test fails.
+`tests/e2e/conftest.py` wraps them in fixtures that stop everything even when a test fails.
 """
 
 import contextlib

@@ -44,7 +44,7 @@ def _connection_class(base):
             try:
                 return super().getresponse(*args, **kwargs)
             except (http.client.RemoteDisconnected, ConnectionResetError) as exc:
-                raise StaleConnection(f"closed without an answer: {exc}") from exc
+                raise StaleConnection(f"closed without an answer ({exc!r})") from exc
 
     Connection.__name__ = Connection.__qualname__ = "Backend" + base.__name__
     return Connection

@@ -1,8 +1,9 @@
 """The reaches into gunicorn and gevent (see `forwarder.compat`). Safe to import in gunicorn's
 master: it loads neither requests nor urllib3."""
 
+import gevent.server
 import gevent.socket
-from gunicorn.workers.ggevent import GeventWorker as _GunicornGeventWorker
+from gunicorn.workers import ggevent as _ggevent
 
 
 def raw_socket(sock: gevent.socket.socket):
@@ -29,10 +30,43 @@ class _ClientSocket(gevent.socket.socket):
             super().sendall(memoryview(data)[sent:], flags)
 
 
-class GeventWorker(_GunicornGeventWorker):
+class _ListeningServer(gevent.server.StreamServer):
+    """gevent's server, known to the worker whose `run` made it, so that the worker can stop and
+    start its accepting."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _servers.append(self)
+
+
+_servers = []
+
+
+class GeventWorker(_ggevent.GeventWorker):
     """gunicorn's gevent worker with the undocumented seams the forwarder's worker uses given names
-    of their own: `idle_wait` and `after_error_answer` to override, and client sockets that write
-    with one `send`."""
+    of their own: `idle_wait`, `after_error_answer`, `connection_opened` and `connection_closed`
+    to override, `accepting` to switch, and client sockets that write with one `send`."""
+
+    def init_process(self):
+        # gunicorn's `run` makes its servers from this module-level name; in this process only.
+        _ggevent.StreamServer = _ListeningServer
+        super().init_process()
+
+    def accepting(self, on: bool) -> None:
+        """Accept new connections, or leave them to the other workers (and the listen queue)."""
+        for server in _servers:
+            if server.closed:
+                continue
+            if on:
+                server.start_accepting()
+            else:
+                server.stop_accepting()
+
+    def connection_opened(self) -> None:
+        """A client connection was accepted."""
+
+    def connection_closed(self) -> None:
+        """A client connection ended."""
 
     def idle_wait(self):
         """The context in which a connection waits for its next request (by default gunicorn's,
@@ -48,7 +82,11 @@ class GeventWorker(_GunicornGeventWorker):
     def handle(self, listener, client, addr):
         if type(client) is gevent.socket.socket:  # not a TLS socket (gunicorn's `certfile`)
             client.__class__ = _ClientSocket
-        super().handle(listener, client, addr)
+        self.connection_opened()
+        try:
+            super().handle(listener, client, addr)
+        finally:
+            self.connection_closed()
 
     def handle_error(self, req, client, addr, exc):
         super().handle_error(req, client, addr, exc)

@@ -1,6 +1,6 @@
 """The client-gone watch through a running gunicorn: a kept-alive client that sends its next
 request while the first still waits on the backend is not taken for gone. (A client that really
-leaves is tests/test_faults.py's.)"""
+leaves is tests/e2e/test_faults.py's.)"""
 
 import json
 import socket

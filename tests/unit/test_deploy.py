@@ -94,7 +94,7 @@ def test_the_backend_list_is_the_configmap_mounted_as_a_directory(objects, pod, 
     (volume,) = [v for v in pod["volumes"] if "configMap" in v]
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
     # A subPath mount never sees ConfigMap updates; the directory mount gets them by a symlink
-    # swap, which the poller's re-read of the path follows (tests/test_discovery.py).
+    # swap, which the poller's re-read of the path follows (tests/e2e/test_discovery.py).
     assert "subPath" not in mount
     configmap = objects[f"ConfigMap/{volume['configMap']['name']}"]
     (key,) = configmap["data"]

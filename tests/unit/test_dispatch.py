@@ -5,18 +5,21 @@ without sleeping and without gevent blocking; each test checks the answer (statu
 the backends attempted in order, and what was left behind (health, `last_error`, in-flight counts,
 waits, the retries counter)."""
 
+import types
+
 import pytest
 
 from forwarder import settings, telemetry, upstream
 from forwarder.dispatch import Dispatcher, DispatchFailed
 from forwarder.registry import Registry
 from forwarder.routing import Router
+from tests.unit.fleets import poll, publish, serve
 
 URLS = ("http://dispatch-a.test:8101", "http://dispatch-b.test:8101",
         "http://dispatch-c.test:8101")
 # The module itself is a readable file: `IP_LIST_FILE` only has to name one.
 BASE_SETTINGS = settings.load({"IP_LIST_FILE": __file__})
-OK = object()  # what a backend that answered hands back
+OK = types.SimpleNamespace(status=200)  # what a backend that answered hands back
 
 
 class Boom(Exception):
@@ -116,15 +119,14 @@ class Fleet:
                  first_cycle_done=True, **overrides):
         self.clock = Clock()
         self.registry = ScriptedRegistry(self.clock)
-        self.registry.set_list(list(URLS[:count]))
+        publish(self.registry, URLS[:count])
         self.backends = self.registry.backends()
         healthy = range(count) if healthy is None else healthy
         loads = loads or [0] * count
         for index in healthy:
             # `loads` orders the backends for least_loaded, so the picks are not left to chance.
-            self.registry.record_poll(self.backends[index], True, None,
-                                      {"num_requests_running": loads[index],
-                                       "num_requests_waiting": 0})
+            poll(self.registry, self.backends[index], num_requests_running=loads[index],
+                 num_requests_waiting=0)
         if first_cycle_done:
             self.registry.first_cycle.set()
         self.settings = _settings(**overrides)
@@ -132,8 +134,8 @@ class Fleet:
         self.dispatcher = Dispatcher(self.registry, self.router, self.settings, clock=self.clock)
 
     def mark_healthy(self, index):
-        self.registry.record_poll(self.backends[index], True, None,
-                                  {"num_requests_running": 0, "num_requests_waiting": 0})
+        poll(self.registry, self.backends[index], num_requests_running=0,
+             num_requests_waiting=0)
 
     def in_flight(self):
         return [b.in_flight for b in self.backends]
@@ -181,8 +183,8 @@ class Watch:
 def test_a_model_no_healthy_backend_serves_is_a_404():
     fleet = Fleet(2)
     a, b = fleet.backends
-    fleet.registry.record_models(a, ({"id": "m1"},))
-    fleet.registry.record_models(b, ({"id": "m2"},))
+    serve(fleet.registry, a, "m1")
+    serve(fleet.registry, b, "m2")
     send = FakeSend(by_url={a.url: [OK], b.url: [OK]})
     failed = fleet.fails(send, "m3")
     assert failed.status == 404
@@ -202,9 +204,9 @@ def test_a_request_whose_only_backend_for_its_model_was_refused_gets_502_not_404
     # The 404 is decided before the first send: the model exists, its backend failed.
     fleet = Fleet(3)
     a, b, c = fleet.backends
-    fleet.registry.record_models(a, ({"id": "m1"},))
-    fleet.registry.record_models(b, ({"id": "m2"},))
-    fleet.registry.record_models(c, ({"id": "m3"},))
+    serve(fleet.registry, a, "m1")
+    serve(fleet.registry, b, "m2")
+    serve(fleet.registry, c, "m3")
     send = FakeSend(by_url={a.url: [refused], b.url: [OK], c.url: [OK]})
     failed = fleet.fails(send, "m1")
     assert send.calls == [a]
@@ -217,9 +219,9 @@ def test_a_request_whose_only_backend_for_its_model_was_refused_gets_502_not_404
 def test_a_refused_request_waits_for_its_models_backend_to_come_back():
     fleet = Fleet(3, no_backend_wait_seconds=5)
     a, b, c = fleet.backends
-    fleet.registry.record_models(a, ({"id": "m1"},))
-    fleet.registry.record_models(b, ({"id": "m2"},))
-    fleet.registry.record_models(c, ({"id": "m3"},))
+    serve(fleet.registry, a, "m1")
+    serve(fleet.registry, b, "m2")
+    serve(fleet.registry, c, "m3")
     send = FakeSend(by_url={a.url: [refused, OK], b.url: [OK], c.url: [OK]})
     fleet.registry.during_change_wait = lambda timeout: fleet.mark_healthy(0) or 1.0
     backend, response = fleet.send(send, "m1")

@@ -4,15 +4,9 @@ import collections
 
 from forwarder.registry import Backend, FleetView, Registry
 from forwarder.routing import HashRing, Router, session_key, stable_hash
+from tests.unit.fleets import fleet, poll, serve
 
 
-def fleet(count):
-    registry = Registry()
-    registry.set_list([f"http://10.0.0.{i}:8101" for i in range(count)])
-    for backend in registry.backends():
-        registry.record_poll(backend, True, None, {"num_requests_running": 0,
-                                                   "num_requests_waiting": 0})
-    return registry
 
 
 def test_session_key_sources_in_order():
@@ -31,7 +25,8 @@ def test_session_key_sources_in_order():
 
 
 def test_ring_moves_only_the_keys_of_a_removed_backend():
-    backends = [Backend(f"http://10.0.0.{i}:8101") for i in range(8)]
+    table = Registry().table
+    backends = [Backend(f"http://10.0.0.{i}:8101", i, table) for i in range(8)]
     keys = [stable_hash(f"k{i}".encode()) for i in range(4000)]
     before = HashRing(backends)
     after = HashRing(backends[1:])
@@ -53,28 +48,28 @@ def test_affinity_never_exceeds_the_load_bound():
         chosen = router.pick(group, "one-hot-session")
         bound = max(1, 1.25 * (sum(loads) + 1) / 4)
         assert chosen.in_flight + 1 <= bound or chosen.in_flight == min(loads)
-        chosen.in_flight += 1
+        chosen.acquire()
     assert max(b.in_flight for b in group.members) <= 1.25 * 100 / 4
 
 
 def test_least_loaded_prefers_the_least_loaded_and_breaks_ties_at_random():
     registry = fleet(3)
     busy, idle, other = registry.backends()
-    busy.num_requests_waiting = 5
-    other.in_flight = 1
+    poll(registry, busy, num_requests_running=0, num_requests_waiting=5)
+    other.acquire()
     router = Router("least_loaded", registry)
     group = registry.view.serving(None)
     assert {router.pick(group, None) for _ in range(50)} == {idle}
     assert router.pick(group, None, tried=[idle]) is other
-    other.in_flight = 0
+    other.release()
     assert {router.pick(group, None) for _ in range(50)} == {idle, other}
 
 
 def test_fleet_view_groups_by_model():
     registry = fleet(3)
     a, b, anything = registry.backends()
-    registry.record_models(a, ({"id": "m1"},))
-    registry.record_models(b, ({"id": "m2"},))
+    serve(registry, a, "m1")
+    serve(registry, b, "m2")
     view = registry.view
     assert not view.uniform_models
     assert set(view.serving("m1").members) == {a, anything}

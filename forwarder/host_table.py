@@ -1,0 +1,370 @@
+"""What the workers of one instance share: one anonymous shared mapping that gunicorn's master makes
+before it forks, so that every worker, later replacements included, sees the same memory.
+
+Nothing in it is guarded by a lock, because every cell has one writer at a time:
+
+- **Slots**, one per worker, handed out by the master (`claim_slot` in `pre_fork`, `release_slot`
+  in `child_exit`, which also clears what a dead worker left). A worker writes only its own row:
+  its state, heartbeat, open connections, its queue's length and head, and, per backend column,
+  the requests it has in flight there and their weight. Host-wide figures are sums over slots.
+- **The backend list**, written only by the list leader (the lowest live slot): which column is
+  which base URL, in list order, under a sequence counter (`list_seq`: odd while writing).
+- **Backend columns**: the last poll (written by the backend's poll owner), the last time a
+  request could not connect (any worker: last writer wins), ejection state, the model list
+  (owner, under its own sequence counter). Each cell is one aligned 8-byte word, written and read
+  whole.
+
+A counter (`changes`) moves on every write a worker's view depends on, so a worker re-reads the
+table only when something changed. Greenlets switch only on I/O, so a worker's own cells need no
+lock either. Floats are seconds of `time.time()`; NaN stands for "unknown".
+"""
+
+import math
+import mmap
+import os
+import time
+
+# The most workers one instance runs at once, a reload's old and new ones together.
+MAX_SLOTS = 256
+# The most backends one list may name; entries past it are logged and left out.
+MAX_BACKENDS = 1024
+URL_BYTES = 512
+SOURCE_BYTES = 256
+MODELS_BYTES = 65536
+
+UNKNOWN = math.nan
+
+# Slot states.
+FREE, STARTING, READY, DRAINING = 0, 1, 2, 3
+# Column states.
+UNUSED, LISTED, REMOVED = 0, 1, 2
+
+# The failure reasons a column can hold, by code (0: none).
+REASONS = (None, "connection refused", "timeout", "connection reset", "name not resolved",
+           "connection closed", "connection failed", "closed without an answer")
+
+# Header words.
+_MAGIC, _LIST_SEQ, _LIST_VERSION, _LIST_COUNT, _CHANGES, _POLL_WANTED = range(6)
+_HEADER_WORDS = 16
+_MAGIC_VALUE = 0x766C6C6D66776431
+
+# Slot row words.
+(S_STATE, S_PID, S_STARTED, S_HEARTBEAT, S_CONNECTIONS, S_QUEUED, S_HEAD_PRIORITY, S_HEAD_TURN,
+ S_HEAD_ARRIVAL, S_QUEUE_SINCE) = range(10)
+_SLOT_WORDS = 16
+
+# Column words.
+(C_STATE, C_URL_LEN, C_SOURCE_LEN, C_REMOVED_AT, C_POLL_OK, C_POLLED_AT, C_POLL_REASON,
+ C_POLL_STATUS, C_RUNNING, C_WAITING, C_KV_CACHE, C_IN_FLIGHT_AT_POLL, C_DOWN_AT, C_DOWN_REASON,
+ C_FAILURES, C_LAST_FAILURE, C_LAST_FAILURE_STATUS, C_EJECTED_UNTIL, C_EJECT_SECONDS,
+ C_EJECT_REASON, C_EJECT_STATUS, C_MODELS_SEQ, C_MODELS_LEN, C_MODELS_READ_AT) = range(24)
+_COLUMN_WORDS = 32 + (URL_BYTES + SOURCE_BYTES + MODELS_BYTES) // 8
+_URL_AT = 32 * 8
+_SOURCE_AT = _URL_AT + URL_BYTES
+_MODELS_AT = _SOURCE_AT + SOURCE_BYTES
+
+_LIST_AT = _HEADER_WORDS
+_SLOTS_AT = _LIST_AT + MAX_BACKENDS
+_COUNTS_AT = _SLOTS_AT + MAX_SLOTS * _SLOT_WORDS
+_WEIGHTS_AT = _COUNTS_AT + MAX_BACKENDS * MAX_SLOTS
+_COLUMNS_AT = _WEIGHTS_AT + MAX_BACKENDS * MAX_SLOTS
+_SIZE_WORDS = _COLUMNS_AT + MAX_BACKENDS * _COLUMN_WORDS
+
+
+class HostTable:
+    """The shared mapping, seen through typed views. `slot` is this process's row, or None in the
+    master."""
+
+    def __init__(self, memory: mmap.mmap):
+        self._memory = memory
+        self.bytes = memoryview(memory)
+        self.words = self.bytes.cast("q")
+        self.floats = self.bytes.cast("d")
+        self.slot = None
+        # Rows in use are the first `_slots_in_use` ones: sums go no further.
+        self._slots_in_use = MAX_SLOTS
+
+    @classmethod
+    def create(cls) -> "HostTable":
+        """A new, empty table (in gunicorn's master, before the first fork)."""
+        table = cls(mmap.mmap(-1, _SIZE_WORDS * 8))
+        table.words[_MAGIC] = _MAGIC_VALUE
+        return table
+
+    @classmethod
+    def private(cls) -> "HostTable":
+        """A table of this process alone (a unit test, a plain WSGI server), slot 0 its own."""
+        table = cls.create()
+        table.attach(table.claim_slot(), os.getpid())
+        table.set_own(S_STATE, READY)
+        return table
+
+    # --- slots (the master hands them out) ---------------------------------------------------
+
+    def claim_slot(self) -> int:
+        """The lowest free slot, marked as starting; ValueError when none is free."""
+        words = self.words
+        for slot in range(MAX_SLOTS):
+            base = _SLOTS_AT + slot * _SLOT_WORDS
+            if words[base + S_STATE] == FREE:
+                self._clear_slot(slot)
+                words[base + S_STATE] = STARTING
+                self.floats[base + S_STARTED] = time.time()
+                self.floats[base + S_HEARTBEAT] = time.time()
+                return slot
+        raise ValueError(f"all {MAX_SLOTS} worker slots are taken")
+
+    def release_slot(self, slot: int) -> None:
+        """The worker of `slot` is gone: what it had in flight, open or queued is over."""
+        self._clear_slot(slot)
+        self.words[_SLOTS_AT + slot * _SLOT_WORDS + S_STATE] = FREE
+        self.changed()
+
+    def _clear_slot(self, slot: int) -> None:
+        base = _SLOTS_AT + slot * _SLOT_WORDS
+        for word in range(1, _SLOT_WORDS):
+            self.words[base + word] = 0
+        for column in range(MAX_BACKENDS):
+            cell = column * MAX_SLOTS + slot
+            self.words[_COUNTS_AT + cell] = 0
+            self.words[_WEIGHTS_AT + cell] = 0
+
+    def attach(self, slot: int, pid: int) -> None:
+        """This process is the worker of `slot`."""
+        self.slot = slot
+        self.words[_SLOTS_AT + slot * _SLOT_WORDS + S_PID] = pid
+        self.refresh_slots_in_use()
+
+    def refresh_slots_in_use(self) -> None:
+        words = self.words
+        highest = 0
+        for slot in range(MAX_SLOTS):
+            if words[_SLOTS_AT + slot * _SLOT_WORDS + S_STATE] != FREE:
+                highest = slot + 1
+        self._slots_in_use = max(highest, (self.slot or 0) + 1)
+
+    def slot_word(self, slot: int, word: int) -> int:
+        return self.words[_SLOTS_AT + slot * _SLOT_WORDS + word]
+
+    def slot_float(self, slot: int, word: int) -> float:
+        return self.floats[_SLOTS_AT + slot * _SLOT_WORDS + word]
+
+    def set_own(self, word: int, value: int) -> None:
+        self.words[_SLOTS_AT + self.slot * _SLOT_WORDS + word] = value
+
+    def set_own_float(self, word: int, value: float) -> None:
+        self.floats[_SLOTS_AT + self.slot * _SLOT_WORDS + word] = value
+
+    def add_own(self, word: int, delta: int) -> None:
+        self.words[_SLOTS_AT + self.slot * _SLOT_WORDS + word] += delta
+
+    def live_slots(self) -> "list[int]":
+        """The slots of running workers, in order."""
+        words = self.words
+        return [slot for slot in range(self._slots_in_use)
+                if words[_SLOTS_AT + slot * _SLOT_WORDS + S_STATE] != FREE]
+
+    def slot_sum(self, word: int) -> int:
+        """`word` summed over every live slot (open connections, queued requests)."""
+        words = self.words
+        return sum(words[_SLOTS_AT + slot * _SLOT_WORDS + word]
+                   for slot in range(self._slots_in_use))
+
+    # --- in flight, per backend column ---------------------------------------------------------
+
+    def acquire(self, column: int, weight: int) -> None:
+        cell = column * MAX_SLOTS + self.slot
+        self.words[_COUNTS_AT + cell] += 1
+        self.words[_WEIGHTS_AT + cell] += weight
+
+    def release(self, column: int, weight: int) -> None:
+        cell = column * MAX_SLOTS + self.slot
+        self.words[_COUNTS_AT + cell] -= 1
+        self.words[_WEIGHTS_AT + cell] -= weight
+
+    def in_flight(self, column: int) -> int:
+        """Requests every worker has in flight to the backend of `column`."""
+        start = _COUNTS_AT + column * MAX_SLOTS
+        return sum(self.words[start:start + self._slots_in_use])
+
+    def in_flight_weight(self, column: int) -> int:
+        start = _WEIGHTS_AT + column * MAX_SLOTS
+        return sum(self.words[start:start + self._slots_in_use])
+
+    # --- the backend list (the leader writes it) ---------------------------------------------
+
+    @property
+    def list_version(self) -> int:
+        return self.words[_LIST_VERSION]
+
+    def read_list(self) -> "list[tuple[int, str, str | None]]":
+        """(column, base URL, `dns+` source or None) of every listed backend, in list order."""
+        words = self.words
+        while True:
+            seq = words[_LIST_SEQ]
+            if seq % 2 == 0:
+                entries = [(column, self._text(column, _URL_AT, C_URL_LEN),
+                            self._text(column, _SOURCE_AT, C_SOURCE_LEN) or None)
+                           for column in words[_LIST_AT:_LIST_AT + words[_LIST_COUNT]]]
+                if words[_LIST_SEQ] == seq:
+                    return entries
+            time.sleep(0)
+
+    def write_list(self, urls: "list[str]", sources: "dict[str, str]",
+                   now: float, quarantine: float) -> "tuple[list[str], list[str]]":
+        """Make the list exactly `urls` (at most MAX_BACKENDS; ValueError past it): a URL already
+        listed keeps its column, a new one takes a column no worker still has requests on that
+        was freed at least `quarantine` seconds ago. (added, removed)."""
+        words = self.words
+        listed = self.read_list()
+        current = {url: column for column, url, _ in listed}
+        if len(urls) > MAX_BACKENDS:
+            raise ValueError(f"more than {MAX_BACKENDS} backends")
+        wanted = set(urls)
+        removed = [url for url in current if url not in wanted]
+        added = [url for url in urls if url not in current]
+        if not added and not removed and [url for _, url, _ in listed] == urls and all(
+                (source or "") == (sources.get(url) or "") for _, url, source in listed):
+            return [], []
+        words[_LIST_SEQ] += 1
+        try:
+            for url in removed:
+                base = _column_base(current[url])
+                words[base + C_STATE] = REMOVED
+                self.floats[base + C_REMOVED_AT] = now
+            columns = []
+            for url in urls:
+                column = current.get(url)
+                if column is None:
+                    column = self._free_column(now, quarantine)
+                    self._reset_column(column, url)
+                source = sources.get(url) or ""
+                if self._text(column, _SOURCE_AT, C_SOURCE_LEN) != source:
+                    self._write_text(column, _SOURCE_AT, C_SOURCE_LEN, source, SOURCE_BYTES)
+                columns.append(column)
+            for index, column in enumerate(columns):
+                words[_LIST_AT + index] = column
+            words[_LIST_COUNT] = len(columns)
+            words[_LIST_VERSION] += 1
+        finally:
+            words[_LIST_SEQ] += 1
+        self.changed()
+        return added, removed
+
+    def _free_column(self, now: float, quarantine: float) -> int:
+        words, floats = self.words, self.floats
+        for column in range(MAX_BACKENDS):
+            base = _column_base(column)
+            state = words[base + C_STATE]
+            if state == UNUSED or (state == REMOVED and now - floats[base + C_REMOVED_AT]
+                                   >= quarantine and self.in_flight(column) == 0):
+                return column
+        raise ValueError(f"more than {MAX_BACKENDS} backends")
+
+    def _reset_column(self, column: int, url: str) -> None:
+        base = _column_base(column)
+        for word in range(32):
+            self.words[base + word] = 0
+        for word in (C_RUNNING, C_WAITING, C_KV_CACHE):
+            self.floats[base + word] = UNKNOWN
+        self._write_text(column, _URL_AT, C_URL_LEN, url, URL_BYTES)
+        self.words[base + C_STATE] = LISTED
+
+    def _text(self, column: int, at: int, length_word: int) -> str:
+        start = _column_base(column) * 8 + at
+        length = self.words[_column_base(column) + length_word]
+        return bytes(self.bytes[start:start + length]).decode()
+
+    def _write_text(self, column: int, at: int, length_word: int, text: str, limit: int) -> None:
+        data = text.encode()[:limit]
+        start = _column_base(column) * 8 + at
+        self.bytes[start:start + len(data)] = data
+        self.words[_column_base(column) + length_word] = len(data)
+
+    # --- backend columns -------------------------------------------------------------------------
+
+    def word(self, column: int, word: int) -> int:
+        return self.words[_column_base(column) + word]
+
+    def float(self, column: int, word: int) -> float:
+        return self.floats[_column_base(column) + word]
+
+    def set_word(self, column: int, word: int, value: int) -> None:
+        self.words[_column_base(column) + word] = value
+
+    def set_float(self, column: int, word: int, value: float) -> None:
+        self.floats[_column_base(column) + word] = value
+
+    def changed(self) -> None:
+        """Tell every worker that something its view depends on was written."""
+        self.words[_CHANGES] += 1
+
+    @property
+    def changes(self) -> int:
+        return self.words[_CHANGES]
+
+    def write_models(self, column: int, body: "bytes | None", now: float) -> bool:
+        """Store the backend's `/v1/models` answer (None: unreadable); True if it changed."""
+        base = _column_base(column)
+        data = b"" if body is None else body[:MODELS_BYTES]
+        length = -1 if body is None or len(body) > MODELS_BYTES else len(data)
+        self.floats[base + C_MODELS_READ_AT] = now
+        if length == self.words[base + C_MODELS_LEN] and (
+                length <= 0 or self.read_models(column) == data):
+            return False
+        self.words[base + C_MODELS_SEQ] += 1
+        start = base * 8 + _MODELS_AT
+        self.bytes[start:start + len(data)] = data
+        self.words[base + C_MODELS_LEN] = length
+        self.words[base + C_MODELS_SEQ] += 1
+        self.changed()
+        return True
+
+    def read_models(self, column: int) -> "bytes | None":
+        """The stored `/v1/models` answer, or None while unknown or unreadable."""
+        base = _column_base(column)
+        while True:
+            seq = self.words[base + C_MODELS_SEQ]
+            length = self.words[base + C_MODELS_LEN]
+            if seq % 2 == 0:
+                start = base * 8 + _MODELS_AT
+                data = bytes(self.bytes[start:start + max(length, 0)]) if length > 0 else None
+                if self.words[base + C_MODELS_SEQ] == seq:
+                    return data
+            time.sleep(0)
+
+    def models_seq(self, column: int) -> int:
+        return self.words[_column_base(column) + C_MODELS_SEQ]
+
+    # --- asking for polls ----------------------------------------------------------------------
+
+    def want_polls(self, now: float) -> None:
+        """A request waits for a backend: poll the unhealthy ones now."""
+        self.floats[_POLL_WANTED] = now
+
+    @property
+    def polls_wanted_at(self) -> float:
+        return self.floats[_POLL_WANTED]
+
+
+def _column_base(column: int) -> int:
+    return _COLUMNS_AT + column * _COLUMN_WORDS
+
+
+def reason_code(reason: "str | None") -> int:
+    """The code of a failure reason (`upstream.failure_reason`'s words)."""
+    try:
+        return REASONS.index(reason)
+    except ValueError:
+        return REASONS.index("connection failed")
+
+
+_table = None
+
+
+def shared() -> HostTable:
+    """This process's table: made on first use, and inherited by the processes forked after."""
+    global _table
+    if _table is None:
+        _table = HostTable.create()
+    return _table
