@@ -223,7 +223,8 @@ class HostTable:
         wanted = set(urls)
         removed = [url for url in current if url not in wanted]
         added = [url for url in urls if url not in current]
-        if not added and not removed and [url for _, url, _ in listed] == urls and all(
+        if words[_LIST_VERSION] and not added and not removed and [
+                url for _, url, _ in listed] == urls and all(
                 (source or "") == (sources.get(url) or "") for _, url, source in listed):
             return [], []
         words[_LIST_SEQ] += 1

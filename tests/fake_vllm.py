@@ -11,6 +11,7 @@ below) that tests change at run time, and it records what it receives:
     GET  /_fake/config      the config
     GET  /_fake/requests    every /v1 request: id, time, method, raw path, headers, body
     GET  /_fake/disconnects every /v1 response whose client left before it finished
+    GET  /_fake/polls       the time of every GET /metrics
     POST /_fake/reset       forget the recordings; config back to the start-up config
 
 Responses are deterministic for a given request and config (ids derive from the request body),
@@ -48,6 +49,7 @@ DEFAULTS = {
     "metrics": "single",  # single | dp2 | dp2_mp | v0 | no_load | garbage
     "running": None,  # overrides every vllm:num_requests_running sample
     "waiting": None,  # overrides every vllm:num_requests_waiting sample
+    "kv_cache": None,  # overrides every vllm:kv_cache_usage_perc / gpu_cache_usage_perc sample
     "metrics_status": 200,
     "metrics_delay": 0,  # seconds before /metrics answers
     "models": ["llama-3.1-8b", "llama"],
@@ -77,7 +79,9 @@ METRICS_FILES = {
     "v0": "metrics_v0.6.6_V0_multiprocess_harness.prom",
 }
 METRICS_CONTENT_TYPE = "text/plain; version=1.0.0; charset=utf-8"
-LOAD_FAMILIES = {"running": "vllm:num_requests_running", "waiting": "vllm:num_requests_waiting"}
+LOAD_FAMILIES = {"running": ("vllm:num_requests_running",),
+                 "waiting": ("vllm:num_requests_waiting",),
+                 "kv_cache": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")}
 GARBAGE_METRICS = '<html>oops</html>\nvllm:num_requests_running{engine="0" 1 2 3\n'
 CREATED = 1764244800  # the fixtures' timestamp; fixed so that responses are deterministic
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
@@ -125,6 +129,7 @@ class State:
         self.config = copy.deepcopy(self.start_config)
         self.requests = []
         self.disconnects = []
+        self.polls = []
 
 
 class Exchange:
@@ -254,16 +259,18 @@ class App:
 
     def metrics(self, start_response):
         config = self.state.config
+        self.state.polls.append(time.time())
         gevent.sleep(config["metrics_delay"] or 0)
         if config["metrics_status"] != 200:
             status = config["metrics_status"]
             return self.respond(start_response, status, http.HTTPStatus(status).phrase,
                                 "text/plain; charset=utf-8")
         body = METRICS[config["metrics"]]
-        for key, family in LOAD_FAMILIES.items():
-            if config[key] is not None:
-                sample = re.compile(rf"^({re.escape(family)}(\{{[^}}]*\}})?) \S+.*$", re.M)
-                body = sample.sub(rf"\g<1> {float(config[key])!r}", body)
+        for key, families in LOAD_FAMILIES.items():
+            for family in families:
+                if config[key] is not None:
+                    sample = re.compile(rf"^({re.escape(family)}(\{{[^}}]*\}})?) \S+.*$", re.M)
+                    body = sample.sub(rf"\g<1> {float(config[key])!r}", body)
         return self.respond(start_response, 200, body, METRICS_CONTENT_TYPE)
 
     def control(self, method, path, body, start_response):
@@ -282,7 +289,7 @@ class App:
             state.reset()
             return self.respond(start_response, 200, dumps(state.config))
         recorded = {"/_fake/config": state.config, "/_fake/requests": state.requests,
-                    "/_fake/disconnects": state.disconnects}
+                    "/_fake/disconnects": state.disconnects, "/_fake/polls": state.polls}
         if method == "GET" and path in recorded:
             return self.respond(start_response, 200, dumps(recorded[path]))
         return self.respond(start_response, 404, dumps({"detail": "Not Found"}))

@@ -94,6 +94,31 @@ def stop_process(proc, timeout=10, sig=signal.SIGTERM):
     return proc.wait()
 
 
+def read_response(sock, timeout=10):
+    """One whole HTTP/1.1 response from `sock` (Content-Length or chunked): (head, body); b""
+    for the head when the connection ended before a response."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(65536)
+        if not piece:
+            return b"", b""
+        data += piece
+    head, rest = data.split(b"\r\n\r\n", 1)
+    length = re.search(rb"(?im)^content-length: *(\d+)", head)
+    if length:
+        while len(rest) < int(length.group(1)):
+            piece = sock.recv(65536)
+            assert piece, "closed mid-body"
+            rest += piece
+        return head, rest
+    while not rest.endswith(b"0\r\n\r\n"):
+        piece = sock.recv(65536)
+        assert piece, "closed mid-body"
+        rest += piece
+    return head, rest
+
+
 def log_tail(path, lines=40):
     try:
         text = Path(path).read_text(errors="replace")
@@ -201,6 +226,10 @@ class FakeBackend(_Process):
         return {r["id"] for r in self._control("GET", "requests")
                 if r["headers"].get("user-agent") == [POLL_USER_AGENT]}
 
+    def polls(self):
+        """The time (Unix seconds) of every GET /metrics it answered."""
+        return self._control("GET", "polls")
+
     def disconnects(self):
         """Every /v1 response whose client left early: request_id, time, method, path,
         chunks_sent (the forwarder's own polls of `/v1/models` left out)."""
@@ -307,9 +336,11 @@ class Forwarder(_Process):
 
     @classmethod
     def start(cls, ip_lines, env=None, workers=1, extra_args=(), wait_healthy=None,
-              log_dir=None) -> "Forwarder":
+              log_dir=None, listening_only=False) -> "Forwarder":
         """Start gunicorn; wait (15 s) until GET /_backends answers 200, and, when
-        `wait_healthy` is given, until it reports that many healthy backends."""
+        `wait_healthy` is given, until it reports that many healthy backends. With
+        `listening_only`, only until gunicorn's master listens (its workers may not accept yet:
+        connections wait in the listen queue)."""
         forwarder = cls(ip_lines, env, workers, extra_args, _log_dir(log_dir, "forwarder-"))
         forwarder._popen()
 
@@ -317,6 +348,8 @@ class Forwarder(_Process):
             if forwarder.proc.poll() is not None:
                 raise AssertionError(f"forwarder exited with {forwarder.proc.returncode}:\n"
                                      f"{log_tail(forwarder.log_path)}")
+            if listening_only:
+                return "Listening at:" in forwarder.log()
             try:
                 response = _request("GET", forwarder.url + "/_backends", timeout=1,
                                     headers=forwarder._admin_headers())

@@ -30,12 +30,13 @@ def fake_dns(tmp_path_factory):
 
 @pytest.fixture
 def forwarder(tmp_path_factory):
-    """Factory: `forwarder(ip_lines, env=None, workers=1, extra_args=(), wait_healthy=None)`
-    -> a started Forwarder."""
+    """Factory: `forwarder(ip_lines, env=None, workers=1, extra_args=(), wait_healthy=None,
+    listening_only=False)` -> a started Forwarder."""
 
-    def start(ip_lines, env=None, workers=1, extra_args=(), wait_healthy=None):
+    def start(ip_lines, env=None, workers=1, extra_args=(), wait_healthy=None,
+              listening_only=False):
         return Forwarder.start(ip_lines, env=env, workers=workers, extra_args=extra_args,
-                               wait_healthy=wait_healthy,
+                               wait_healthy=wait_healthy, listening_only=listening_only,
                                log_dir=tmp_path_factory.mktemp("forwarder"))
 
     yield from _serve(start, "forwarder")

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from tests.harness import wait_until
+from tests.harness import read_response, wait_until
 
 CHAT = "/v1/chat/completions"
 
@@ -19,31 +19,6 @@ CHAT = "/v1/chat/completions"
 def raw_request(sock, body=b'{"model": "llama", "prompt": "hi"}', path="/v1/completions"):
     sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
-
-
-def read_response(sock, timeout=10):
-    """One whole HTTP/1.1 response from `sock` (Content-Length or chunked): (head, body); b""
-    for the head when the connection ended before a response."""
-    sock.settimeout(timeout)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        piece = sock.recv(65536)
-        if not piece:
-            return b"", b""
-        data += piece
-    head, rest = data.split(b"\r\n\r\n", 1)
-    length = re.search(rb"(?im)^content-length: *(\d+)", head)
-    if length:
-        while len(rest) < int(length.group(1)):
-            piece = sock.recv(65536)
-            assert piece, "closed mid-body"
-            rest += piece
-        return head, rest
-    while not rest.endswith(b"0\r\n\r\n"):
-        piece = sock.recv(65536)
-        assert piece, "closed mid-body"
-        rest += piece
-    return head, rest
 
 
 def connection_header(head):

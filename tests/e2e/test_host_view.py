@@ -1,0 +1,143 @@
+"""One view per host: the workers of one instance share what they know (SPEC "One view per
+host"), each test through a real gunicorn with two workers."""
+
+import re
+import socket
+import time
+
+import requests
+
+from tests.harness import read_response, wait_until
+
+CHAT = "/v1/chat/completions"
+
+
+def chat(stream=False, content="hi", **extra):
+    return {"model": "llama", "stream": stream,
+            "messages": [{"role": "user", "content": content}], **extra}
+
+
+def get_json(fwd, path):
+    """GET on a connection of its own, so that either worker may answer."""
+    with requests.Session() as session:
+        session.trust_env = False
+        response = session.get(fwd.url + path, timeout=5)
+    return response.json()
+
+
+def log_lines(fwd, pattern):
+    return [line for line in fwd.log().splitlines() if re.search(pattern, line)]
+
+
+def test_in_flight_counts_every_workers_requests_whichever_worker_answers(fake_backend,
+                                                                           forwarder):
+    backend = fake_backend(config={"tokens": 40, "token_delay": 0.1})
+    fwd = forwarder([backend.url], workers=2, wait_healthy=1)
+    streams = []
+    try:
+        for index in range(6):
+            # Each stream on a connection of its own: the workers share them.
+            response = requests.post(fwd.url + CHAT, json=chat(True, f"s{index}"), stream=True,
+                                     timeout=10)
+            response.raw.read(16)  # the stream has begun (and stays open)
+            streams.append(response)
+        pids = {line["pid"] for line in fwd.access_lines()} or set()
+        answers = [get_json(fwd, "/_backends") for _ in range(10)]
+        assert {a["backends"][0]["in_flight"] for a in answers} == {6}
+        status_pids = {line["pid"] for line in fwd.access_lines()
+                       if line["path"] == "/_backends"}
+        assert len(status_pids | pids) == 2, "one worker answered everything"
+    finally:
+        for response in streams:
+            response.close()
+    wait_until(lambda: get_json(fwd, "/_backends")["backends"][0]["in_flight"] == 0)
+
+
+def test_a_burst_of_connections_at_start_is_spread_over_the_workers(fake_backend, forwarder):
+    # The first poll takes a moment, so the workers start accepting a little apart, and the
+    # connections of 40 clients reconnecting their pools to the restarted instance are waiting
+    # in the listen queue by then. Each client then sends requests on its connection.
+    backend = fake_backend(config={"metrics_delay": 0.5})
+    fwd = forwarder([backend.url], workers=2, listening_only=True)
+    sockets = []
+    try:
+        for _ in range(40):
+            sockets.append(socket.create_connection(("127.0.0.1", fwd.port), timeout=10))
+        for round_ in range(3):
+            for index, sock in enumerate(sockets):
+                sock.sendall(b"GET /v1/models/llama?c=%d HTTP/1.1\r\nHost: x\r\n\r\n" % index)
+            for sock in sockets:
+                head, _ = read_response(sock)
+                assert head.startswith(b"HTTP/1.1 200")
+    finally:
+        for sock in sockets:
+            sock.close()
+    lines = [line for line in fwd.access_lines() if line["path"].startswith("/v1/models/llama")]
+    by_connection = {}
+    for line in lines:
+        by_connection.setdefault(line["path"], set()).add(line["pid"])
+    assert all(len(pids) == 1 for pids in by_connection.values())  # kept alive
+    per_worker = {}
+    for (pid,) in by_connection.values():
+        per_worker[pid] = per_worker.get(pid, 0) + 1
+    assert len(per_worker) == 2 and min(per_worker.values()) >= 14, per_worker
+
+
+def test_each_backend_is_polled_once_per_cycle_whatever_the_workers(fake_backend, forwarder):
+    backends = [fake_backend() for _ in range(3)]
+    fwd = forwarder([b.url for b in backends], workers=3, wait_healthy=3,
+                    env={"CHECK_INTERVAL_SECONDS": "0.5"})
+    for backend in backends:
+        backend.reset()
+    time.sleep(3)  # six cycles
+    counts = [len(backend.polls()) for backend in backends]
+    assert all(4 <= count <= 8 for count in counts), counts  # 18 each if every worker polled
+    assert get_json(fwd, "/_backends")["healthy"] == 3
+
+
+def test_state_changes_are_logged_once_per_instance(fake_backend, forwarder):
+    a = fake_backend(name="a")
+    b = fake_backend(name="b")
+    fwd = forwarder([a.url], workers=2, wait_healthy=1, env={"CHECK_INTERVAL_SECONDS": "0.3"})
+    fwd.ip_file.write_text(f"{a.url}\n{b.url}\n")
+    wait_until(lambda: get_json(fwd, "/_backends")["healthy"] == 2)
+    a.configure(metrics_status=500)
+    wait_until(lambda: get_json(fwd, "/_backends")["healthy"] == 1)
+    time.sleep(1)  # more polls that find it unhealthy: no more lines
+    a.configure(metrics_status=200)
+    wait_until(lambda: get_json(fwd, "/_backends")["healthy"] == 2)
+    fwd.ip_file.write_text(f"{b.url}\n")
+    wait_until(lambda: get_json(fwd, "/_backends")["total"] == 1)
+    fwd.ip_file.write_text("# nothing\n")
+    wait_until(lambda: get_json(fwd, "/_backends")["total"] == 0)
+    time.sleep(1)
+    assert len(log_lines(fwd, rf"backend {a.url} added to the list")) == 1
+    assert len(log_lines(fwd, rf"backend {b.url} added to the list")) == 1
+    assert len(log_lines(fwd, rf"backend {a.url} is unhealthy \(HTTP 500\)")) == 1
+    assert len(log_lines(fwd, rf"backend {a.url} is healthy")) == 2  # first poll, and back
+    assert len(log_lines(fwd, rf"backend {a.url} removed from the list")) == 1
+    assert len(log_lines(fwd, rf"backend {b.url} removed from the list")) == 1
+    assert len(log_lines(fwd, r"names no backend")) == 1
+
+
+def test_an_empty_list_is_warned_about_at_start(forwarder):
+    fwd = forwarder(["# none yet"], workers=2)
+    wait_until(lambda: log_lines(fwd, r"WARNING.*names no backend"))
+    time.sleep(0.5)
+    assert len(log_lines(fwd, r"names no backend")) == 1
+
+
+def test_a_backend_that_comes_back_takes_requests_within_about_a_second(fake_backend,
+                                                                         forwarder):
+    backend = fake_backend()
+    # The default interval: only the re-poll of unhealthy backends can bring it back in time.
+    fwd = forwarder([backend.url], workers=2, wait_healthy=1,
+                    env={"CHECK_INTERVAL_SECONDS": "10"})
+    backend.kill()
+    assert requests.post(fwd.url + CHAT, json=chat(), timeout=10).status_code == 502
+    wait_until(lambda: get_json(fwd, "/_backends")["healthy"] == 0)
+    backend.restart()
+    answering = time.monotonic()
+    wait_until(lambda: requests.post(fwd.url + CHAT, json=chat(),
+                                     timeout=5).status_code == 200, timeout=8, interval=0.1)
+    assert time.monotonic() - answering < 4  # about a second, on a loaded box
