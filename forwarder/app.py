@@ -32,8 +32,9 @@ def create_app(settings, registry: "Registry | None" = None) -> Flask:
 
     @app.get("/_health")
     def health():
-        # For probes: ready once this worker has polled the fleet once. A fleet with nothing
+        # For probes: ready once every listed backend has been polled. A fleet with nothing
         # healthy is still `ok`: the forwarder itself works and answers 503 in OpenAI's shape.
+        registry.sync()
         figures = {"backends_healthy": len(registry.healthy),
                    "backends_total": len(registry.backends())}
         if not registry.first_cycle_done:

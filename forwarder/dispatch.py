@@ -24,7 +24,9 @@ clock), so each rule has a unit test that runs in milliseconds.
 """
 
 import contextlib
+import dataclasses
 import time
+from typing import Callable
 
 from . import telemetry, upstream
 from .errors import error_response
@@ -46,41 +48,76 @@ class DispatchFailed(Exception):
         return error_response(self.status, str(self))
 
 
-class Dispatcher:
-    """Sends requests through one worker's registry and router."""
+@dataclasses.dataclass
+class Outgoing:
+    """One request on its way to a backend, as the dispatcher sees it.
 
-    def __init__(self, registry, router, settings, clock=time.monotonic):
+    `attempt(backend)` sends it to one backend (`upstream.send`'s errors mean what they mean
+    there); `model` and `key` route it, `weight` (`registry.weight_of`) weighs it; `resendable`
+    is False for a body that is streamed from the client; `waiting` is entered around every wait
+    on a backend or for one (the client watch, which interrupts it when the client leaves);
+    `on_attempt(backend)` is called before each send; `priority_of()` and `client` order it in
+    the queue, should it have to wait there."""
+
+    attempt: Callable
+    model: "str | None" = None
+    key: "str | None" = None
+    weight: int = WEIGHT_UNITS
+    resendable: bool = True
+    waiting: object = None
+    on_attempt: "Callable | None" = None
+    priority_of: Callable = lambda: 0
+    client: str = ""
+
+
+class Dispatcher:
+    """Sends requests through one worker's registry, router and brake."""
+
+    def __init__(self, registry, router, settings, admission=None, clock=time.monotonic):
         self.registry = registry
         self.router = router
+        self.admission = admission
         self.no_backend_wait = settings.no_backend_wait_seconds
         self.first_cycle_wait = settings.first_cycle_wait
         self.read_timeout = settings.read_timeout_seconds
         self.clock = clock
 
-    def send(self, attempt, model: "str | None", key: "str | None",
-             weight: int = WEIGHT_UNITS, resendable: bool = True, waiting=None, on_attempt=None):
-        """(backend, response) of the first backend that answered `attempt(backend)` with
-        response headers; `DispatchFailed` otherwise.
+    def send(self, request: Outgoing):
+        """(backend, response) of the first backend that answered `request` with response
+        headers; `DispatchFailed` or `admission.Rejected` otherwise.
 
-        `attempt` sends the request to one backend (`upstream.send`'s errors mean what they mean
-        there); `model` and `key` route it, and `weight` (`registry.weight_of`) weighs it;
-        `resendable` is False for a body that is streamed from the client; `waiting` is entered around every wait on a backend or for one (the
-        client watch, which interrupts it when the client leaves); `on_attempt(backend)` is
-        called before each send. Each outcome counts towards the backend's ejection
-        (`Registry.record_outcome`). The chosen backend's in-flight figures are raised by
-        `weight` for the response's life: whoever relays it releases the backend."""
-        waiting = waiting or contextlib.nullcontext()
+        Each outcome counts towards the backend's ejection (`Registry.record_outcome`). The
+        chosen backend's in-flight figures are raised by the request's weight for the response's
+        life: whoever relays it calls `release`."""
+        self.registry.sync()  # what the other workers learnt since this worker's last look
+        waiting = request.waiting or contextlib.nullcontext()
+        model, weight = request.model, request.weight
+        braking = self.admission is not None and self.admission.limited
         deadline = self.clock() + self.no_backend_wait
         tried = []  # backends this request may not go to again (until a poll changes the view)
         stale_once = set()
         failure = None  # the answer once nothing is left to try
+        queued_since = None
         attempts = 0
+
+        def candidates():
+            members = self.registry.view.serving(model).members
+            return tuple(b for b in members if b not in tried) if tried else members
+
         while True:
             view = self.registry.view
             group = view.serving(model)
             if not group.members and view.healthy and not attempts:
                 raise DispatchFailed(404, f"The model `{model}` does not exist.")
-            backend = self.router.pick(group, key, tried, weight)
+            members = candidates()
+            if braking and members:
+                roomy = self.admission.with_room(members)
+                if not roomy or (queued_since is None and self.admission.must_wait()):
+                    queued_since = self.admission.wait(candidates, request.priority_of,
+                                                       request.client, waiting, queued_since)
+                    continue
+                members = roomy
+            backend = self.router.pick(members, request.key, weight)
             if backend is None:
                 if not group.members and self._wait_for_a_change(deadline, waiting):
                     tried = []
@@ -89,14 +126,14 @@ class Dispatcher:
             if attempts:
                 telemetry.retried()
             attempts += 1
-            if on_attempt is not None:
-                on_attempt(backend)
+            if request.on_attempt is not None:
+                request.on_attempt(backend)
             backend.acquire(weight)
             try:
                 with waiting:
-                    response = attempt(backend)
+                    response = request.attempt(backend)
             except upstream.ConnectFailed as exc:
-                backend.release(weight)
+                self.release(backend, weight)
                 if not exc.stale:
                     self.registry.mark_unreachable(backend, str(exc))
                     self.registry.record_outcome(backend, str(exc))
@@ -105,28 +142,34 @@ class Dispatcher:
                     continue
                 failure = DispatchFailed(502, "The backend closed the connection without "
                                               "answering.")
-                if not resendable:
+                if not request.resendable:
                     raise failure from None
                 if backend in stale_once:
                     tried.append(backend)
                 stale_once.add(backend)
             except upstream.UpstreamTimeout:
-                backend.release(weight)
+                self.release(backend, weight)
                 self.registry.record_outcome(backend, "timeout")
                 raise DispatchFailed(
                     504, f"The backend did not answer within {self.read_timeout:g} s.") from None
             except upstream.UpstreamFailed as exc:
-                backend.release(weight)
+                self.release(backend, weight)
                 self.registry.record_outcome(backend, str(exc))
                 raise DispatchFailed(502, f"The backend failed before answering: {exc}.") from None
             except BaseException:
-                backend.release(weight)
+                self.release(backend, weight)
                 raise
             else:
                 status = response.status
                 self.registry.record_outcome(
                     backend, None, status if status in FAILED_STATUSES else 0)
                 return backend, response
+
+    def release(self, backend, weight: int) -> None:
+        """A request of `weight` sent to `backend` is over: its place may go to a waiter."""
+        backend.release(weight)
+        if self.admission is not None:
+            self.admission.notify()
 
     def _wait_for_a_change(self, deadline: float, waiting) -> bool:
         """No candidate is healthy: wait for the first poll cycle if it is not over (its first

@@ -18,7 +18,8 @@ from flask import Response, request
 
 from . import auth, relay, request_body, telemetry, upstream
 from .client_watch import ClientGone, ClientWatch, ShuttingDown
-from .dispatch import Dispatcher, DispatchFailed
+from .admission import Admission, Rejected
+from .dispatch import Dispatcher, DispatchFailed, Outgoing
 from .environ_keys import CLOSE_CONNECTION, REQUEST_ID
 from .errors import error_response
 from .registry import Registry, weight_of
@@ -70,7 +71,8 @@ class Proxy:
     def __init__(self, settings, registry: Registry):
         self.registry = registry
         self.router = Router(settings.routing_policy, registry)
-        self.dispatcher = Dispatcher(registry, self.router, settings)
+        self.dispatcher = Dispatcher(registry, self.router, settings,
+                                     Admission(settings, registry.table))
         self.forced_model = settings.forced_model_name
         self.connect_timeout = settings.connect_timeout_seconds
         self.read_timeout = settings.read_timeout_seconds
@@ -119,10 +121,18 @@ class Proxy:
             return upstream.send(method, backend.url + target, headers, body,
                                  self.connect_timeout, self.read_timeout)
 
+        def priority_of():
+            parsed = document if document is not None or streamed or not body \
+                else request_body.json_object(body)
+            priority = parsed.get("priority") if parsed else None
+            return priority if type(priority) is int else 0
+
+        outgoing = Outgoing(attempt, model if isinstance(model, str) else None, key, weight,
+                            resendable=not streamed, waiting=watch,
+                            on_attempt=exchange.sending_to, priority_of=priority_of,
+                            client=environ.get("REMOTE_ADDR", ""))
         try:
-            backend, response = self.dispatcher.send(
-                attempt, model if isinstance(model, str) else None, key, weight,
-                resendable=not streamed, waiting=watch, on_attempt=exchange.sending_to)
+            backend, response = self.dispatcher.send(outgoing)
         except ClientGone:
             watch.stop()
             telemetry.client_disconnected()
@@ -132,7 +142,7 @@ class Proxy:
             watch.stop()
             environ[CLOSE_CONNECTION] = True
             return exchange.finished(error_response(503, relay.SHUTTING_DOWN))
-        except DispatchFailed as failed:
+        except (DispatchFailed, Rejected) as failed:
             if watch:
                 watch.stop()
             return exchange.finished(failed.response())
@@ -143,7 +153,7 @@ class Proxy:
                                   headers=relay.response_headers(response.headers))
         # For HEAD, 204 and 304 Werkzeug never starts the generator, so its `finally` never runs.
         relayed.call_on_close(response.close)
-        relayed.call_on_close(functools.partial(backend.release, weight))
+        relayed.call_on_close(functools.partial(self.dispatcher.release, backend, weight))
         if watch:
             relayed.call_on_close(watch.stop)
         return exchange.finished(relayed)

@@ -405,6 +405,7 @@ class Registry:
 
     def status(self) -> dict:
         """The `/_backends` document."""
+        self.sync()
         backends = [b.status() for b in self.listed]
         return {"backends": backends, "healthy": len(self.healthy), "total": len(backends),
                 "queued": self.queued()}

@@ -151,11 +151,8 @@ class Router:
             self._ring_of = listed
         return self._ring
 
-    def pick(self, group, key: "str | None", tried=(), weight: int = WEIGHT_UNITS):
-        """A backend of `group` not tried yet for this request (of `weight`), or None."""
-        members = group.members
-        if tried:
-            members = tuple(b for b in members if b not in tried)
+    def pick(self, members: tuple, key: "str | None", weight: int = WEIGHT_UNITS):
+        """One of the candidate backends `members` for a request of `weight`, or None."""
         if len(members) < 2:
             return members[0] if members else None
         return self._policy(members, key, weight / WEIGHT_UNITS)

@@ -10,7 +10,7 @@ import types
 import pytest
 
 from forwarder import settings, telemetry, upstream
-from forwarder.dispatch import Dispatcher, DispatchFailed
+from forwarder.dispatch import Dispatcher, DispatchFailed, Outgoing
 from forwarder.registry import Registry
 from forwarder.routing import Router
 from tests.unit.fleets import poll, publish, serve
@@ -141,7 +141,7 @@ class Fleet:
         return [b.in_flight for b in self.backends]
 
     def send(self, send, model=None, **kwargs):
-        return self.dispatcher.send(send, model, None, **kwargs)
+        return self.dispatcher.send(Outgoing(send, model, **kwargs))
 
     def fails(self, send, model=None, **kwargs):
         with pytest.raises(DispatchFailed) as failed:

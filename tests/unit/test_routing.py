@@ -45,7 +45,7 @@ def test_affinity_never_exceeds_the_load_bound():
     # Every request names the same session: bounded load must still spread them.
     for _ in range(100):
         loads = [b.in_flight for b in group.members]
-        chosen = router.pick(group, "one-hot-session")
+        chosen = router.pick(group.members, "one-hot-session")
         bound = max(1, 1.25 * (sum(loads) + 1) / 4)
         assert chosen.in_flight + 1 <= bound or chosen.in_flight == min(loads)
         chosen.acquire()
@@ -59,10 +59,10 @@ def test_least_loaded_prefers_the_least_loaded_and_breaks_ties_at_random():
     other.acquire()
     router = Router("least_loaded", registry)
     group = registry.view.serving(None)
-    assert {router.pick(group, None) for _ in range(50)} == {idle}
-    assert router.pick(group, None, tried=[idle]) is other
+    assert {router.pick(group.members, None) for _ in range(50)} == {idle}
+    assert router.pick((busy, other), None) is other
     other.release()
-    assert {router.pick(group, None) for _ in range(50)} == {idle, other}
+    assert {router.pick(group.members, None) for _ in range(50)} == {idle, other}
 
 
 def test_fleet_view_groups_by_model():

@@ -1,0 +1,231 @@
+"""The brake: at most MAX_IN_FLIGHT_PER_BACKEND requests in flight to one backend per instance,
+and the instance's queue for the requests that find every candidate at that limit.
+
+- **Late binding.** A queued request is not bound to a backend: when any backend frees up, the
+  waiter at the head of the queue that may go there is woken and picks again, so it goes to the
+  first backend that freed up.
+- **Order.** The queue is served by the body's `priority` (vLLM's: lower first, 0 when absent),
+  then by turn, then by arrival. A request's turn is the number of requests of the same client
+  (its API key's name, else its address) already waiting at the same priority, so a client's
+  burst takes turns with everyone else instead of going first. Each worker keeps its own queue;
+  the head of each is in the host table, and a worker leaves a free backend to a sibling whose
+  head comes first.
+- **Refusals**, `429` with `Retry-After`: the instance's queue already holds MAX_QUEUED_REQUESTS
+  (`queue_full`, at once); a request waited QUEUE_TIMEOUT_SECONDS (`queue_timeout`); or the queue
+  has not emptied for QUEUE_TARGET_SECONDS, and then every request in it that has waited that
+  long is refused until it empties again (`queue_overload`: CoDel's rule, which keeps what is
+  served fast under overload instead of making everyone wait QUEUE_TIMEOUT_SECONDS).
+- A client that leaves while its request waits takes the request out of the queue at once (the
+  wait is interrupted by its client watch).
+
+The body is parsed for `priority` only when its request has to wait. With no limit set, nothing
+here runs.
+"""
+
+import bisect
+import itertools
+import math
+import time
+
+import gevent
+import gevent.event
+
+from . import telemetry
+from .errors import error_response
+from .host_table import (READY, S_HEAD_ARRIVAL, S_HEAD_PRIORITY, S_HEAD_TURN, S_QUEUE_SINCE,
+                         S_QUEUED, S_STATE, STARTING)
+
+# How often a worker with requests waiting looks for a backend that freed up (its own releases
+# are seen at once).
+TICK_SECONDS = 0.005
+
+
+class Rejected(Exception):
+    """The request is refused before it reached a backend; `response()` is the 429."""
+
+    MESSAGES = {
+        "queue_full": "Too many requests are waiting for a backend (MAX_QUEUED_REQUESTS).",
+        "queue_timeout": "The request waited too long for a backend (QUEUE_TIMEOUT_SECONDS).",
+        "queue_overload": "The fleet is overloaded: requests wait longer than "
+                          "QUEUE_TARGET_SECONDS for a backend.",
+    }
+
+    def __init__(self, reason: str, retry_after: int):
+        super().__init__(self.MESSAGES[reason])
+        self.reason = reason
+        self.retry_after = retry_after
+
+    def response(self):
+        response = error_response(429, str(self))
+        response.headers["Retry-After"] = str(self.retry_after)
+        return response
+
+
+def _key(waiter) -> tuple:
+    return waiter.key
+
+
+class _Waiter:
+    __slots__ = ("key", "arrived", "queued_at", "candidates", "event", "refused", "client",
+                 "priority")
+
+    def __init__(self, key, arrived, queued_at, candidates, client, priority):
+        self.key = key
+        self.arrived = arrived
+        self.queued_at = queued_at
+        self.candidates = candidates
+        self.client = client
+        self.priority = priority
+        self.event = gevent.event.Event()
+        self.refused = None
+
+
+class Admission:
+    """One worker's part of the brake."""
+
+    def __init__(self, settings, table, clock=time.monotonic):
+        self.limit = settings.max_in_flight_per_backend
+        self.max_queued = settings.max_queued_requests
+        self.timeout = settings.queue_timeout_seconds
+        self.target = settings.queue_target_seconds
+        self.retry_after = max(1, math.ceil(self.target))
+        self.table = table
+        self.clock = clock
+        self._queue = []  # in order: the head first
+        self._turns = {}  # (priority, client) -> requests of that client waiting
+        self._order = itertools.count()
+        self._ticker = None
+
+    @property
+    def limited(self) -> bool:
+        return self.limit > 0
+
+    def with_room(self, members) -> tuple:
+        """The members with room for one more request."""
+        limit = self.limit
+        return tuple(b for b in members if b.in_flight < limit)
+
+    def must_wait(self) -> bool:
+        """Whether a request that found room must still queue behind the instance's waiters."""
+        return self.table.slot_sum(S_QUEUED) > 0
+
+    def wait(self, candidates, priority_of, client: str, waiting,
+             since: "float | None" = None) -> float:
+        """Queue the request until a backend it may go to has room (then return: it picks
+        again), or refuse it (`Rejected`). `candidates()` gives the backends it may go to now
+        (a tuple); `priority_of()` gives its priority (called once, now); `waiting` is entered
+        around the wait; `since` is when it first queued, for a request that comes back to the
+        queue (the room it was woken for was taken meanwhile). Returns when it first queued."""
+        now = self.clock()
+        if since is None and self.table.slot_sum(S_QUEUED) >= self.max_queued:
+            self._refuse("queue_full", 0.0)
+        priority = priority_of()
+        turn_key = (priority, client)
+        turn = self._turns.get(turn_key, 0)
+        self._turns[turn_key] = turn + 1
+        queued_at = now if since is None else since
+        waiter = _Waiter((priority, turn, queued_at, next(self._order)), time.time(),
+                         queued_at, candidates, client, priority)
+        bisect.insort(self._queue, waiter, key=_key)
+        self._publish()
+        self._hand_out()
+        if self._ticker is None:
+            self._ticker = gevent.spawn(self._tick)
+        try:
+            with waiting:
+                waiter.event.wait(max(0.0, queued_at + self.timeout - now))
+        finally:
+            self._remove(waiter)
+        if waiter.refused:
+            self._refuse(waiter.refused, self.clock() - queued_at)
+        if not waiter.event.is_set():
+            self._refuse("queue_timeout", self.clock() - queued_at)
+        telemetry.queue_waited(self.clock() - queued_at)
+        return queued_at
+
+    def notify(self) -> None:
+        """A backend may have freed up in this worker: look at the queue now."""
+        if self._queue and self._ticker is not None:
+            self._hand_out()
+
+    def _refuse(self, reason: str, waited: float):
+        telemetry.rejected(reason)
+        if reason != "queue_full":
+            telemetry.queue_waited(waited)
+        raise Rejected(reason, self.retry_after)
+
+    def _remove(self, waiter: _Waiter) -> None:
+        self._queue.remove(waiter)
+        turn_key = (waiter.priority, waiter.client)
+        left = self._turns.get(turn_key, 1) - 1
+        if left:
+            self._turns[turn_key] = left
+        else:
+            self._turns.pop(turn_key, None)
+        self._publish()
+
+    def _publish(self) -> None:
+        """This worker's queue as the host table shows it to the others."""
+        table = self.table
+        queued = len(self._queue)
+        if queued and not table.slot_word(table.slot, S_QUEUED):
+            table.set_own_float(S_QUEUE_SINCE, time.time())
+        table.set_own(S_QUEUED, queued)
+        if queued:
+            head = self._queue[0]
+            table.set_own(S_HEAD_PRIORITY, head.key[0])
+            table.set_own(S_HEAD_TURN, head.key[1])
+            table.set_own_float(S_HEAD_ARRIVAL, head.arrived)
+
+    def _tick(self) -> None:
+        try:
+            while self._queue:
+                self._refuse_overload()
+                self._hand_out()
+                gevent.sleep(TICK_SECONDS)
+        finally:
+            self._ticker = None
+
+    def _refuse_overload(self) -> None:
+        """CoDel's rule: once the instance's queue stood for the target, refuse every request
+        that waited that long."""
+        table = self.table
+        now = time.time()
+        standing = min((table.slot_float(slot, S_QUEUE_SINCE) for slot in table.live_slots()
+                        if table.slot_word(slot, S_QUEUED)), default=now)
+        if now - standing < self.target:
+            return
+        oldest = self.clock() - self.target
+        for waiter in self._queue:
+            if waiter.queued_at <= oldest and not waiter.event.is_set():
+                waiter.refused = "queue_overload"
+                waiter.event.set()
+
+    def _hand_out(self) -> None:
+        """Wake the waiters that may go now, in order, one per free place, leaving a place to
+        each sibling whose head comes before them."""
+        table = self.table
+        limit = self.limit
+        free = {}  # candidates -> free places not yet handed out
+        ahead = []
+        for slot in table.live_slots():
+            if slot != table.slot and table.slot_word(slot, S_QUEUED) and \
+                    table.slot_word(slot, S_STATE) in (STARTING, READY):
+                ahead.append((table.slot_word(slot, S_HEAD_PRIORITY),
+                              table.slot_word(slot, S_HEAD_TURN),
+                              table.slot_float(slot, S_HEAD_ARRIVAL)))
+        for waiter in self._queue:
+            if waiter.event.is_set():
+                continue
+            candidates = waiter.candidates()
+            places = free.get(candidates)
+            if places is None:
+                places = sum(max(0, limit - backend.in_flight) for backend in candidates)
+            before = sum(1 for head in ahead
+                         if head < (waiter.key[0], waiter.key[1], waiter.arrived))
+            if places - before > 0:
+                waiter.event.set()
+                places -= 1
+            free[candidates] = places
+            if not any(free.values()):
+                break
