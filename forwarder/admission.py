@@ -48,6 +48,12 @@ class Rejected(Exception):
         "queue_timeout": "The request waited too long for a backend (QUEUE_TIMEOUT_SECONDS).",
         "queue_overload": "The fleet is overloaded: requests wait longer than "
                           "QUEUE_TARGET_SECONDS for a backend.",
+        "key_max_concurrent": "This API key has as many requests in flight as it may "
+                              "(max_concurrent).",
+        "key_requests_per_minute": "This API key has sent as many requests as it may this "
+                                   "minute (requests_per_minute).",
+        "key_tokens_per_minute": "This API key has used as many tokens as it may this minute "
+                                 "(tokens_per_minute).",
     }
 
     def __init__(self, reason: str, retry_after: int):

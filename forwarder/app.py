@@ -5,7 +5,7 @@ from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Rule
 
-from . import auth, environ_keys, telemetry
+from . import auth, environ_keys, rates, telemetry
 from .compat.server import close_connection
 from .errors import error_response
 from .proxy import Proxy
@@ -23,8 +23,9 @@ def create_app(settings, registry: "Registry | None" = None) -> Flask:
     # A rule without `methods` takes every method, so OPTIONS, PROPFIND or anything vLLM adds
     # later is forwarded too (Flask's own `route` would limit it to GET and answer OPTIONS itself).
     app.url_map.add(Rule("/v1/<path:subpath>", endpoint="proxy", strict_slashes=False))
-    app.view_functions["proxy"] = Proxy(settings, registry)
-    auth.install(app, settings)
+    keys = auth.shared_keys(settings, registry.table)
+    app.view_functions["proxy"] = Proxy(settings, registry, keys)
+    auth.install(app, settings, keys)
 
     @app.get("/_backends")
     def backends():
@@ -43,6 +44,11 @@ def create_app(settings, registry: "Registry | None" = None) -> Flask:
 
     app.add_url_rule("/metrics", "metrics", telemetry.Scrape(registry).response)
     app.add_url_rule("/_status", "status", status_page)
+    recorder = rates.shared(registry, keys)
+
+    @app.get("/_status/data")
+    def status_data():
+        return jsonify(recorder.document())
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
@@ -63,6 +69,7 @@ class Edge:
 
     def __call__(self, environ, start_response):
         rid = environ[environ_keys.REQUEST_ID] = request_id(environ)
+        environ[environ_keys.START_RESPONSE] = start_response
 
         def start_response_at_edge(status, headers, exc_info=None):
             headers.append((REQUEST_ID_HEADER, rid))

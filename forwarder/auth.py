@@ -1,8 +1,16 @@
-"""Who may use the forwarder: the API keys.
+"""Who may use the forwarder, and how much: the API keys, their names and their limits.
 
-- `FORWARDER_API_KEYS`: every `/v1/*` request needs `Authorization: Bearer <one of them>`.
+- `FORWARDER_API_KEYS`: `KEY` or `NAME:KEY` entries. `API_KEYS_FILE`: named keys with limits,
+  one a line, `NAME KEY [max_concurrent=N] [requests_per_minute=N] [tokens_per_minute=N]`, read
+  again every poll cycle by the list leader (a bad line is logged and skipped; an unreadable file
+  keeps the last good keys) and shared with every worker through the host table. With either set,
+  every `/v1/*` request needs `Authorization: Bearer <one of them>`, else `401`.
 - `ADMIN_API_KEY`: `/_backends`, `/_status` and `/metrics` need `Authorization: Bearer <it>`.
 - `BACKEND_API_KEY`: the `Authorization` sent to backends in place of the client's.
+
+A key's limits hold per instance, all workers together (the host table's key planes); a key over
+one gets `429` with `Retry-After`. Names, never keys, appear in metrics, logs and `/_status`; a
+key without a name is `none` there.
 
 A refused request never reaches a backend, and a body it carries is not read. Keys are compared
 as SHA-256 digests with `hmac.compare_digest`, against every key whatever the earlier ones gave,
@@ -10,66 +18,226 @@ so the time an answer takes tells neither which key matched nor how much of a gu
 nor a key's length.
 """
 
+import dataclasses
 import hashlib
 import hmac
+import logging
+import math
 import posixpath
 import re
+import time
 
 from flask import Flask, request
 
+from . import environ_keys, telemetry
+from .admission import Rejected
 from .errors import error_response
+from .host_table import (K_IN_FLIGHT, K_REQUESTS_NOW, K_TOKENS_NOW, HostTable)
 from .request_body import refuse_body
+from .settings import KEY_NAME
 
-ADMIN_PATHS = frozenset(("/_backends", "/_status", "/metrics"))
+log = logging.getLogger(__name__)
+
+ADMIN_PATHS = frozenset(("/_backends", "/_status", "/_status/data", "/metrics"))
 # The decoded path, however many slashes lead it: the proxy's route and its spellings.
 _V1_PATH = re.compile(r"/*v1(/|$)")
+# The name of a key without one, in metrics, logs and pages.
+NO_NAME = "none"
+LIMITS = ("max_concurrent", "requests_per_minute", "tokens_per_minute")
 
 
-def _digest(token: bytes) -> bytes:
+def digest(token: bytes) -> bytes:
     return hashlib.sha256(token).digest()
 
 
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """One API key as the request path knows it: never the key itself."""
+
+    column: int
+    name: str
+    max_concurrent: int = 0
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+
+    @property
+    def label(self) -> str:
+        return self.name or NO_NAME
+
+
 class KeyRing:
-    """The Bearer tokens that open one part of the forwarder."""
+    """Bearer tokens (as digests) and what each opens."""
 
-    __slots__ = ("_digests",)
+    __slots__ = ("_entries",)
 
-    def __init__(self, keys):
-        self._digests = tuple(_digest(key.encode()) for key in keys)
+    def __init__(self, entries):
+        self._entries = tuple(entries)  # (digest, what it opens)
 
-    def admits(self, authorization: "str | None") -> bool:
-        """Whether an `Authorization` header value carries one of the keys."""
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+    def opened(self) -> tuple:
+        """What each key opens, in order."""
+        return tuple(opens for _, opens in self._entries)
+
+    def admits(self, authorization: "str | None"):
+        """What the `Authorization` header value's key opens, or None."""
         scheme, _, token = (authorization or "").partition(" ")
         # WSGI hands header values over as latin-1 text; back to the bytes the client sent.
-        presented = _digest(token.strip().encode("latin-1", "replace"))
-        matched = False
-        for digest in self._digests:
-            matched |= hmac.compare_digest(presented, digest)
-        return matched and scheme.lower() == "bearer"
+        presented = digest(token.strip().encode("latin-1", "replace"))
+        matched = None
+        for known, opens in self._entries:
+            if hmac.compare_digest(presented, known) and matched is None:
+                matched = opens
+        return matched if scheme.lower() == "bearer" else None
+
+
+def parse_keys_file(text: str, where: str) -> "list[tuple[str, str, dict]]":
+    """(name, key, limits) of each good line of an API_KEYS_FILE; bad lines are logged (with
+    their name, never their key) and skipped."""
+    keys = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        name = fields[0]
+        try:
+            if len(fields) < 2:
+                raise ValueError("no key after the name")
+            if not KEY_NAME.fullmatch(name):
+                raise ValueError("a name may hold only letters, digits and - _ .")
+            if not re.fullmatch(r"[A-Za-z0-9\-._~+/]+=*", fields[1]):
+                raise ValueError("a key may hold only letters, digits and - . _ ~ + / (then =)")
+            limits = {}
+            for field in fields[2:]:
+                limit, equals, value = field.partition("=")
+                if limit not in LIMITS or not equals or not value.isdigit():
+                    raise ValueError(f"{field.split('=')[0]!r} is not one of "
+                                     f"{', '.join(f'{n}=N' for n in LIMITS)}")
+                limits[limit] = int(value)
+        except ValueError as exc:
+            log.warning("%s:%d: skipping the key named %r: %s", where, number, name[:64], exc)
+            continue
+        keys.append((name, fields[1], limits))
+    return keys
+
+
+class Keys:
+    """This worker's API keys, mirrored from the host table, and their limits."""
+
+    def __init__(self, settings, table: HostTable):
+        self.table = table
+        self.static = tuple((name or "", key) for name, key in settings.forwarder_api_keys or ())
+        self.file = settings.api_keys_file
+        self.required = bool(self.static or self.file)
+        self.ring = KeyRing(())
+        self._version = -1
+        self._file_text = None
+        self._file_keys = []
+        if self.required and not self.file:
+            # Known from the start: no need to wait for the leader.
+            self.ring = KeyRing((digest(key.encode()), Key(index, name))
+                                for index, (name, key) in enumerate(self.static))
+
+    def publish(self) -> None:
+        """The list leader's reading of the keys (every poll cycle)."""
+        if not self.required:
+            return
+        if self.file:
+            try:
+                with open(self.file, encoding="utf-8", errors="replace") as f:
+                    text = f.read()
+            except OSError as exc:
+                log.error("cannot read the API keys file %s (%s); keeping the last good keys",
+                          self.file, exc.strerror or exc)
+                text = self._file_text
+            if text is not None and text != self._file_text:
+                self._file_text = text
+                self._file_keys = parse_keys_file(text, self.file)
+        entries = [(name, digest(key.encode()), 0, 0, 0) for name, key in self.static]
+        entries += [(name, digest(key.encode()), *(limits.get(n, 0) for n in LIMITS))
+                    for name, key, limits in self._file_keys]
+        try:
+            self.table.write_keys(entries)
+        except ValueError as exc:
+            log.error("%s; keeping the last keys", exc)
+
+    def sync(self) -> None:
+        """Mirror the table's keys, if they changed."""
+        if not self.required or self.table.keys_version == self._version:
+            return
+        self._version = self.table.keys_version
+        self.ring = KeyRing((known, Key(column, name, *limits))
+                            for column, name, known, *limits in self.table.read_keys())
+
+    def all(self) -> "tuple[Key, ...]":
+        """Every key, in order."""
+        self.sync()
+        return self.ring.opened()
+
+    def admit(self, key: Key) -> None:
+        """Count a request of `key` in, or refuse it (`Rejected`) when it is over a limit."""
+        table, column, now = self.table, key.column, time.time()
+        if key.max_concurrent and table.key_sum(K_IN_FLIGHT, column) >= key.max_concurrent:
+            self._refuse("key_max_concurrent", 1)
+        retry = max(1, math.ceil(60 - now % 60))
+        if key.requests_per_minute and table.per_minute(K_REQUESTS_NOW, column, now) \
+                >= key.requests_per_minute:
+            self._refuse("key_requests_per_minute", retry)
+        if key.tokens_per_minute and table.per_minute(K_TOKENS_NOW, column, now) \
+                >= key.tokens_per_minute:
+            self._refuse("key_tokens_per_minute", retry)
+        table.add_key(K_IN_FLIGHT, column, 1)
+        table.count_per_minute(K_REQUESTS_NOW, column, 1, now)
+
+    def done(self, key: Key) -> None:
+        """A request of `key` counted in by `admit` is over."""
+        self.table.add_key(K_IN_FLIGHT, key.column, -1)
+
+    @staticmethod
+    def _refuse(reason: str, retry_after: int):
+        telemetry.rejected(reason)
+        raise Rejected(reason, retry_after)
+
+
+_shared = None
+
+
+def shared_keys(settings, table: HostTable) -> Keys:
+    """This process's keys over `table` (the app's and the poller's)."""
+    global _shared
+    if _shared is None or _shared.table is not table:
+        _shared = Keys(settings, table)
+    return _shared
 
 
 def _is_admin_path(path: str) -> bool:
     return "/" + posixpath.normpath(path).strip("/") in ADMIN_PATHS
 
 
-def install(app: Flask, settings) -> None:
+def install(app: Flask, settings, keys: Keys) -> None:
     """Check keys before any view runs, when keys are set (otherwise no hook runs at all)."""
-    client_keys = KeyRing(settings.forwarder_api_keys) if settings.forwarder_api_keys else None
-    admin_keys = KeyRing((settings.admin_api_key,)) if settings.admin_api_key else None
+    admin_keys = KeyRing(((digest(settings.admin_api_key.encode()), True),)) \
+        if settings.admin_api_key else None
     max_body = settings.max_request_body_bytes
-    if client_keys is None and admin_keys is None:
+    if not keys.required and admin_keys is None:
         return
 
     @app.before_request
     def require_key():
         path = request.path
         if _V1_PATH.match(path):
-            keys = client_keys
+            if not keys.required:
+                return None
+            keys.sync()
+            opened = keys.ring.admits(request.headers.get("Authorization"))
+            if opened is not None:
+                request.environ[environ_keys.KEY] = opened
+                return None
         elif _is_admin_path(path):
-            keys = admin_keys
+            if admin_keys is None or admin_keys.admits(request.headers.get("Authorization")):
+                return None
         else:
-            return None
-        if keys is None or keys.admits(request.headers.get("Authorization")):
             return None
         response = error_response(401, "Missing or wrong API key: send it as "
                                        "`Authorization: Bearer <key>`.")

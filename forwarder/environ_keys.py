@@ -17,3 +17,11 @@ TTFB = "forwarder.ttfb"
 CUT = "forwarder.cut"
 # Set when the connection ends after this answer: it then says `Connection: close`.
 CLOSE_CONNECTION = "forwarder.close_connection"
+# The API key the request came with (`auth.Key`), when keys are set.
+KEY = "forwarder.key"
+# The request's model and the tokens its answer used, as the access log shows them.
+MODEL = "forwarder.model"
+PROMPT_TOKENS = "forwarder.prompt_tokens"
+COMPLETION_TOKENS = "forwarder.completion_tokens"
+# gunicorn's `start_response`, for a write outside the response body's iteration (SSE keep-alive).
+START_RESPONSE = "forwarder.start_response"

@@ -6,9 +6,10 @@
 - **Start.** The worker takes the host-table slot the master handed it (`pre_fork` in
   `gunicorn.conf.py`). Once gevent has patched the process and the app is loaded (`run`): the log
   goes where gunicorn's error log goes, the relay's connection pool is sized for
-  `worker_connections`, the health poller starts (its share of the instance's polling), and what
-  was loaded so far is frozen out of the garbage collector's full sweeps (`gc.freeze()`: one
-  walked the ~50,000 objects of a fresh worker in 15–25 ms, with every stream waiting).
+  `worker_connections`, the health poller starts (its share of the instance's polling), so does
+  the recorder of the figures `/_status` charts, and what was loaded so far is frozen out of the
+  garbage collector's full sweeps (`gc.freeze()`: one walked the ~50,000 objects of a fresh
+  worker in 15–25 ms, with every stream waiting).
 - **The first-cycle gate.** A worker knows nothing of the fleet until its poller's first cycle
   ends: its `/_health` would answer `503` and a load balancer's probe could take the whole
   instance out of rotation when a worker starts beside others (after a crash, or `SIGTTIN`). So
@@ -132,7 +133,7 @@ class Worker(GeventWorker):
     def run(self):
         # Imported only now that gevent has patched this process: the master imports this module,
         # and what these import (requests, urllib3) must not be loaded unpatched.
-        from . import registry, upstream
+        from . import auth, rates, registry, upstream
         from .poller import Poller
 
         forwarder_log = logging.getLogger("forwarder")
@@ -142,6 +143,8 @@ class Worker(GeventWorker):
         upstream.configure(pool_maxsize=self.cfg.worker_connections)
         fleet = registry.shared()
         gevent.spawn(Poller(fleet, self.settings).run_forever)
+        gevent.spawn(rates.shared(fleet, auth.shared_keys(self.settings, fleet.table))
+                     .run_forever)
         self._wait_for(fleet.first_cycle, self.settings.first_cycle_wait)
         if self.alive:
             self.table.set_own(S_STATE, READY)

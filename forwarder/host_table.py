@@ -28,6 +28,9 @@ import time
 MAX_SLOTS = 256
 # The most backends one list may name; entries past it are logged and left out.
 MAX_BACKENDS = 1024
+# The most API keys (FORWARDER_API_KEYS and API_KEYS_FILE together).
+MAX_KEYS = 1024
+KEY_NAME_BYTES = 64
 URL_BYTES = 512
 SOURCE_BYTES = 256
 MODELS_BYTES = 65536
@@ -44,7 +47,8 @@ REASONS = (None, "connection refused", "timeout", "connection reset", "name not 
            "connection closed", "connection failed", "closed without an answer")
 
 # Header words.
-_MAGIC, _LIST_SEQ, _LIST_VERSION, _LIST_COUNT, _CHANGES, _POLL_WANTED = range(6)
+(_MAGIC, _LIST_SEQ, _LIST_VERSION, _LIST_COUNT, _CHANGES, _POLL_WANTED, _KEYS_SEQ, _KEYS_VERSION,
+ _KEYS_COUNT) = range(9)
 _HEADER_WORDS = 16
 _MAGIC_VALUE = 0x766C6C6D66776431
 
@@ -63,12 +67,38 @@ _URL_AT = 32 * 8
 _SOURCE_AT = _URL_AT + URL_BYTES
 _MODELS_AT = _SOURCE_AT + SOURCE_BYTES
 
+# Key column words.
+K_STATE, K_NAME_LEN, K_MAX_CONCURRENT, K_REQUESTS_PER_MINUTE, K_TOKENS_PER_MINUTE = range(5)
+_K_DIGEST = 8  # 4 words
+_K_NAME = 12  # KEY_NAME_BYTES // 8 words
+_KEY_WORDS = 24
+
+# Per-slot counters, one plane of [column][slot] words each: a worker writes its own cells.
+# Backend planes: requests in flight, their weight; requests answered, failed, tokens metered.
+B_IN_FLIGHT, B_WEIGHT, B_REQUESTS, B_ERRORS, B_TOKENS = range(5)
+# Key planes: requests in flight; this minute's number and the last one's (the minute in K_MINUTE)
+# of requests and of tokens; requests answered, failed, tokens metered.
+(K_IN_FLIGHT, K_MINUTE, K_REQUESTS_NOW, K_REQUESTS_BEFORE, K_TOKENS_NOW, K_TOKENS_BEFORE,
+ K_REQUESTS, K_ERRORS, K_TOKENS) = range(9)
+_BACKEND_PLANES = 5
+_KEY_PLANES = 9
+
 _LIST_AT = _HEADER_WORDS
-_SLOTS_AT = _LIST_AT + MAX_BACKENDS
-_COUNTS_AT = _SLOTS_AT + MAX_SLOTS * _SLOT_WORDS
-_WEIGHTS_AT = _COUNTS_AT + MAX_BACKENDS * MAX_SLOTS
-_COLUMNS_AT = _WEIGHTS_AT + MAX_BACKENDS * MAX_SLOTS
-_SIZE_WORDS = _COLUMNS_AT + MAX_BACKENDS * _COLUMN_WORDS
+_KEY_LIST_AT = _LIST_AT + MAX_BACKENDS
+_SLOTS_AT = _KEY_LIST_AT + MAX_KEYS
+_BACKEND_CELLS_AT = _SLOTS_AT + MAX_SLOTS * _SLOT_WORDS
+_KEY_CELLS_AT = _BACKEND_CELLS_AT + _BACKEND_PLANES * MAX_BACKENDS * MAX_SLOTS
+_COLUMNS_AT = _KEY_CELLS_AT + _KEY_PLANES * MAX_KEYS * MAX_SLOTS
+_KEYS_AT = _COLUMNS_AT + MAX_BACKENDS * _COLUMN_WORDS
+_SIZE_WORDS = _KEYS_AT + MAX_KEYS * _KEY_WORDS
+
+
+def _backend_cell(plane: int, column: int) -> int:
+    return _BACKEND_CELLS_AT + (plane * MAX_BACKENDS + column) * MAX_SLOTS
+
+
+def _key_cell(plane: int, column: int) -> int:
+    return _KEY_CELLS_AT + (plane * MAX_KEYS + column) * MAX_SLOTS
 
 
 class HostTable:
@@ -124,10 +154,11 @@ class HostTable:
         base = _SLOTS_AT + slot * _SLOT_WORDS
         for word in range(1, _SLOT_WORDS):
             self.words[base + word] = 0
-        for column in range(MAX_BACKENDS):
-            cell = column * MAX_SLOTS + slot
-            self.words[_COUNTS_AT + cell] = 0
-            self.words[_WEIGHTS_AT + cell] = 0
+        for plane in (B_IN_FLIGHT, B_WEIGHT):
+            for column in range(MAX_BACKENDS):
+                self.words[_backend_cell(plane, column) + slot] = 0
+        for column in range(MAX_KEYS):
+            self.words[_key_cell(K_IN_FLIGHT, column) + slot] = 0
 
     def attach(self, slot: int, pid: int) -> None:
         """This process is the worker of `slot`."""
@@ -173,23 +204,74 @@ class HostTable:
     # --- in flight, per backend column ---------------------------------------------------------
 
     def acquire(self, column: int, weight: int) -> None:
-        cell = column * MAX_SLOTS + self.slot
-        self.words[_COUNTS_AT + cell] += 1
-        self.words[_WEIGHTS_AT + cell] += weight
+        slot = self.slot
+        self.words[_backend_cell(B_IN_FLIGHT, column) + slot] += 1
+        self.words[_backend_cell(B_WEIGHT, column) + slot] += weight
 
     def release(self, column: int, weight: int) -> None:
-        cell = column * MAX_SLOTS + self.slot
-        self.words[_COUNTS_AT + cell] -= 1
-        self.words[_WEIGHTS_AT + cell] -= weight
+        slot = self.slot
+        self.words[_backend_cell(B_IN_FLIGHT, column) + slot] -= 1
+        self.words[_backend_cell(B_WEIGHT, column) + slot] -= weight
 
     def in_flight(self, column: int) -> int:
         """Requests every worker has in flight to the backend of `column`."""
-        start = _COUNTS_AT + column * MAX_SLOTS
+        start = _backend_cell(B_IN_FLIGHT, column)
         return sum(self.words[start:start + self._slots_in_use])
 
     def in_flight_weight(self, column: int) -> int:
-        start = _WEIGHTS_AT + column * MAX_SLOTS
+        start = _backend_cell(B_WEIGHT, column)
         return sum(self.words[start:start + self._slots_in_use])
+
+    def add_backend(self, plane: int, column: int, delta: int) -> None:
+        """Add to this worker's cell of a backend plane."""
+        self.words[_backend_cell(plane, column) + self.slot] += delta
+
+    def backend_sum(self, plane: int, column: int) -> int:
+        start = _backend_cell(plane, column)
+        return sum(self.words[start:start + self._slots_in_use])
+
+    def add_key(self, plane: int, column: int, delta: int) -> None:
+        """Add to this worker's cell of a key plane."""
+        self.words[_key_cell(plane, column) + self.slot] += delta
+
+    def key_sum(self, plane: int, column: int) -> int:
+        start = _key_cell(plane, column)
+        return sum(self.words[start:start + self._slots_in_use])
+
+    def per_minute(self, plane_now: int, column: int, now: float) -> float:
+        """A key's requests (K_REQUESTS_NOW) or tokens (K_TOKENS_NOW) over the last 60 s, all
+        workers together: this minute's, plus the last one's in the share of the minute not
+        yet passed (the sliding-window estimate)."""
+        minute = int(now // 60)
+        into = now / 60 - minute
+        minutes = _key_cell(K_MINUTE, column)
+        current = _key_cell(plane_now, column)
+        before = _key_cell(plane_now + 1, column)
+        words = self.words
+        this, last = 0, 0
+        for slot in range(self._slots_in_use):
+            at = words[minutes + slot]
+            if at == minute:
+                this += words[current + slot]
+                last += words[before + slot]
+            elif at == minute - 1:
+                last += words[current + slot]
+        return this + last * (1.0 - into)
+
+    def count_per_minute(self, plane_now: int, column: int, amount: int, now: float) -> None:
+        """Add `amount` to this worker's count of this minute (K_REQUESTS_NOW, K_TOKENS_NOW)."""
+        minute = int(now // 60)
+        slot = self.slot
+        minutes = _key_cell(K_MINUTE, column) + slot
+        at = self.words[minutes]
+        if at != minute:
+            for plane in (K_REQUESTS_NOW, K_TOKENS_NOW):
+                current = _key_cell(plane, column) + slot
+                self.words[_key_cell(plane + 1, column) + slot] = \
+                    self.words[current] if at == minute - 1 else 0
+                self.words[current] = 0
+            self.words[minutes] = minute
+        self.words[_key_cell(plane_now, column) + slot] += amount
 
     # --- the backend list (the leader writes it) ---------------------------------------------
 
@@ -281,6 +363,81 @@ class HostTable:
         start = _column_base(column) * 8 + at
         self.bytes[start:start + len(data)] = data
         self.words[_column_base(column) + length_word] = len(data)
+
+    # --- the API keys (the leader writes them) -------------------------------------------------
+
+    @property
+    def keys_version(self) -> int:
+        return self.words[_KEYS_VERSION]
+
+    def read_keys(self) -> "list[tuple[int, str, bytes, int, int, int]]":
+        """(column, name, SHA-256 digest, max_concurrent, requests_per_minute,
+        tokens_per_minute) of every key, in order; a limit of 0 is none."""
+        words = self.words
+        while True:
+            seq = words[_KEYS_SEQ]
+            if seq % 2 == 0:
+                keys = [self._key(column)
+                        for column in words[_KEY_LIST_AT:_KEY_LIST_AT + words[_KEYS_COUNT]]]
+                if words[_KEYS_SEQ] == seq:
+                    return keys
+            time.sleep(0)
+
+    def _key(self, column: int):
+        base = _KEYS_AT + column * _KEY_WORDS
+        at = base * 8
+        name = bytes(self.bytes[at + _K_NAME * 8:at + _K_NAME * 8 + self.words[base + K_NAME_LEN]])
+        digest = bytes(self.bytes[at + _K_DIGEST * 8:at + _K_DIGEST * 8 + 32])
+        return (column, name.decode(), digest, self.words[base + K_MAX_CONCURRENT],
+                self.words[base + K_REQUESTS_PER_MINUTE], self.words[base + K_TOKENS_PER_MINUTE])
+
+    def write_keys(self, keys: "list[tuple[str, bytes, int, int, int]]") -> bool:
+        """Make the keys exactly `keys`, each (name, digest, max_concurrent,
+        requests_per_minute, tokens_per_minute): a key already known (by its digest) keeps its
+        column, and with it its counts; a new one takes a column no worker has requests on.
+        True if anything changed; ValueError past MAX_KEYS."""
+        words = self.words
+        listed = self.read_keys()
+        current = {digest: column for column, _, digest, *_ in listed}
+        if words[_KEYS_VERSION] and [entry[1:] for entry in listed] == \
+                [(name, digest, *limits) for name, digest, *limits in keys]:
+            return False
+        if len(keys) > MAX_KEYS:
+            raise ValueError(f"more than {MAX_KEYS} keys")
+        wanted = {digest for _, digest, *_ in keys}
+        taken = {column for digest, column in current.items() if digest in wanted}
+        words[_KEYS_SEQ] += 1
+        try:
+            columns = []
+            for name, digest, *limits in keys:
+                column = current.get(digest)
+                if column is None:
+                    column = next(c for c in range(MAX_KEYS) if c not in taken
+                                  and c not in current.values()
+                                  and self.key_sum(K_IN_FLIGHT, c) == 0)
+                    taken.add(column)
+                    for plane in range(_KEY_PLANES):
+                        start = _key_cell(plane, column)
+                        for slot in range(MAX_SLOTS):
+                            words[start + slot] = 0
+                base = _KEYS_AT + column * _KEY_WORDS
+                at = base * 8
+                data = name.encode()[:KEY_NAME_BYTES]
+                self.bytes[at + _K_NAME * 8:at + _K_NAME * 8 + len(data)] = data
+                words[base + K_NAME_LEN] = len(data)
+                self.bytes[at + _K_DIGEST * 8:at + _K_DIGEST * 8 + 32] = digest
+                (words[base + K_MAX_CONCURRENT], words[base + K_REQUESTS_PER_MINUTE],
+                 words[base + K_TOKENS_PER_MINUTE]) = limits
+                words[base + K_STATE] = LISTED
+                columns.append(column)
+            for index, column in enumerate(columns):
+                words[_KEY_LIST_AT + index] = column
+            words[_KEYS_COUNT] = len(columns)
+            words[_KEYS_VERSION] += 1
+        finally:
+            words[_KEYS_SEQ] += 1
+        self.changed()
+        return True
 
     # --- backend columns -------------------------------------------------------------------------
 

@@ -5,8 +5,8 @@ pollers of one instance share the work through the host table, so that each back
 once per cycle whatever the number of workers (every poll makes vLLM's API server render its
 `/metrics` on the event loop that also streams its tokens):
 
-- The **list leader**, the lowest live worker slot, reads the backend list every
-  CHECK_INTERVAL_SECONDS, resolves its `dns+` entries and publishes the result.
+- The **list leader**, the lowest live worker slot, reads the backend list (and the API keys
+  file) every CHECK_INTERVAL_SECONDS, resolves its `dns+` entries and publishes the result.
 - Each backend has one **poll owner**, the live worker whose rank among the live workers is the
   backend's column modulo their number. It polls `GET {base}/metrics`: healthy when it answers 200
   within HEALTH_TIMEOUT_SECONDS, its load figures read from the body but never deciding health.
@@ -26,7 +26,7 @@ import gevent
 import gevent.pool
 import urllib3.exceptions
 
-from . import backend_list, discovery, upstream, vllm_metrics
+from . import auth, backend_list, discovery, upstream, vllm_metrics
 from .host_table import C_MODELS_READ_AT, DRAINING, READY, S_HEARTBEAT, S_STATE, STARTING
 from .registry import Backend, Registry
 
@@ -55,6 +55,7 @@ class Poller:
     def __init__(self, registry: Registry, settings):
         self.registry = registry
         self.table = registry.table
+        self.keys = auth.shared_keys(settings, registry.table)
         self.list_file = settings.ip_list_file
         self.default_port = settings.backend_default_port
         self.interval = settings.check_interval_seconds
@@ -140,6 +141,7 @@ class Poller:
 
     def publish_list(self) -> None:
         try:
+            self.keys.publish()
             self.reload_list()
             # `dns+` entries are resolved again every cycle, even when the file did not change.
             urls, sources = self.discovery.expand(self.entries)

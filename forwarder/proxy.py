@@ -16,11 +16,11 @@ import urllib.parse
 
 from flask import Response, request
 
-from . import auth, relay, request_body, telemetry, upstream
+from . import auth, relay, request_body, telemetry, upstream, usage
 from .client_watch import ClientGone, ClientWatch, ShuttingDown
 from .admission import Admission, Rejected
 from .dispatch import Dispatcher, DispatchFailed, Outgoing
-from .environ_keys import CLOSE_CONNECTION, REQUEST_ID
+from .environ_keys import CLOSE_CONNECTION, KEY, REQUEST_ID
 from .errors import error_response
 from .registry import Registry, weight_of
 from .request_id import HEADER as REQUEST_ID_HEADER
@@ -68,8 +68,11 @@ def _nothing():
 class Proxy:
     """The view for every method on every path under `/v1/`."""
 
-    def __init__(self, settings, registry: Registry):
+    def __init__(self, settings, registry: Registry, keys: auth.Keys):
         self.registry = registry
+        self.keys = keys
+        self.meter = settings.meter_tokens
+        self.keep_alive = settings.sse_keepalive_seconds
         self.router = Router(settings.routing_policy, registry)
         self.dispatcher = Dispatcher(registry, self.router, settings,
                                      Admission(settings, registry.table))
@@ -81,7 +84,7 @@ class Proxy:
 
     def __call__(self, subpath: str = "") -> Response:
         environ = request.environ
-        exchange = telemetry.Exchange(environ, subpath)
+        exchange = telemetry.Exchange(environ, subpath, self.registry)
         target = upstream_target(environ.get("RAW_URI") or request.full_path)
         if target is None:
             # Its body is never read: end the connection without losing the answer to a reset.
@@ -92,23 +95,35 @@ class Proxy:
         view = self.registry.view
         if method == "GET" and request.path == "/v1/models" and view.models_body:
             return exchange.finished(Response(view.models_body, mimetype="application/json"))
+        api_key = environ.get(KEY)
+        if api_key is not None:
+            try:
+                self.keys.admit(api_key)
+            except Rejected as rejected:
+                return exchange.finished(request_body.refuse_body(
+                    rejected.response(), environ, self.max_body))
+            exchange.key = api_key
         session_header = request.headers.get(SESSION_HEADER)
-        wants_document = (method == "POST" and request.mimetype != "multipart/form-data"
+        post = method == "POST"
+        wants_document = (post and request.mimetype != "multipart/form-data"
                           and (not view.uniform_models
                                or (self.router.needs_session_key and not session_header)))
+        metered_stream = self.meter and post and exchange.endpoint in usage.METERED_STREAMS
         client_socket = environ.get("gunicorn.socket")
         watch = ClientWatch(client_socket) if client_socket is not None else None
         try:
-            body, document = request_body.take(
+            body, document, asked = request_body.take(
                 environ, request.content_length, self.max_body, wants_document,
-                self.forced_model if method == "POST" else None,
-                watch.start if watch else _nothing)
+                self.forced_model if post else None,
+                watch.start if watch else _nothing, ask_usage=metered_stream)
         except request_body.BodyRefused as refused:
             return exchange.finished(refused.response(environ))
         streamed = isinstance(body, request_body.BodyStream)
         if watch and not streamed:
             watch.start()
         model = document.get("model") if document else None
+        model = model if isinstance(model, str) else None
+        exchange.named(model)
         key = session_key(session_header, document) if self.router.needs_session_key else None
         headers = relay.request_headers(request.headers)
         headers[REQUEST_ID_HEADER] = environ[REQUEST_ID]
@@ -127,10 +142,10 @@ class Proxy:
             priority = parsed.get("priority") if parsed else None
             return priority if type(priority) is int else 0
 
-        outgoing = Outgoing(attempt, model if isinstance(model, str) else None, key, weight,
-                            resendable=not streamed, waiting=watch,
+        outgoing = Outgoing(attempt, model, key, weight, resendable=not streamed, waiting=watch,
                             on_attempt=exchange.sending_to, priority_of=priority_of,
-                            client=environ.get("REMOTE_ADDR", ""))
+                            client=api_key.name if api_key is not None and api_key.name
+                            else environ.get("REMOTE_ADDR", ""))
         try:
             backend, response = self.dispatcher.send(outgoing)
         except ClientGone:
@@ -147,8 +162,17 @@ class Proxy:
                 watch.stop()
             return exchange.finished(failed.response())
 
-        sse = response.headers.get("content-type", "").startswith("text/event-stream")
-        relayed = RelayedResponse(relay.relay_body(response, exchange, sse, watch),
+        content_type = response.headers.get("content-type", "")
+        sse = content_type.startswith("text/event-stream")
+        tap = None
+        if self.meter and post:
+            if sse and exchange.endpoint in usage.METERED_STREAMS:
+                tap = usage.StreamTap(hide=asked)
+            elif content_type.startswith("application/json"):
+                tap = usage.JsonTap()
+        exchange.usage, exchange.stream = tap, sse
+        relayed = RelayedResponse(relay.relay_body(response, exchange, sse, watch, tap,
+                                                   self.keep_alive),
                                   status=response.status,
                                   headers=relay.response_headers(response.headers))
         # For HEAD, 204 and 304 Werkzeug never starts the generator, so its `finally` never runs.

@@ -25,7 +25,8 @@ from gevent.event import Event
 from . import host_table, model_lists, telemetry
 from .host_table import (C_DOWN_AT, C_DOWN_REASON, C_EJECT_REASON, C_EJECT_SECONDS,
                          C_EJECT_STATUS, C_EJECTED_UNTIL, C_FAILURES, C_IN_FLIGHT_AT_POLL,
-                         C_KV_CACHE, C_LAST_FAILURE, C_LAST_FAILURE_STATUS, C_POLL_OK,
+                         C_KV_CACHE, C_LAST_FAILURE, C_LAST_FAILURE_STATUS, C_MODELS_READ_AT,
+                         C_POLL_OK,
                          C_POLL_REASON, C_POLL_STATUS, C_POLLED_AT, C_RUNNING, C_WAITING, REASONS,
                          HostTable, reason_code)
 
@@ -58,7 +59,7 @@ class Backend:
     __slots__ = ("url", "column", "source", "healthy", "num_requests_running",
                  "num_requests_waiting", "kv_cache_usage", "last_checked_at", "last_error",
                  "ejected_until", "in_flight_at_poll", "models", "model_entries", "models_seq",
-                 "_table", "_in_flight_gauge")
+                 "models_read", "_table", "_in_flight_gauge")
 
     def __init__(self, url: str, column: int, table: HostTable):
         self.url = url
@@ -80,6 +81,8 @@ class Backend:
         self.models = None
         self.model_entries = None
         self.models_seq = 0
+        # Whether its model list has been asked for yet (read or found unreadable).
+        self.models_read = False
         # The same count, per worker, for /metrics (summed over workers there).
         self._in_flight_gauge = telemetry.in_flight_gauge(url)
 
@@ -133,7 +136,7 @@ class FleetView:
     """The healthy backends and the models they serve, as of the last change."""
 
     __slots__ = ("healthy", "all_healthy", "uniform_models", "_by_model", "_any_model",
-                 "models_body")
+                 "models_body", "model_ids")
 
     def __init__(self, backends):
         self.healthy = tuple(b for b in backends if b.healthy)
@@ -152,6 +155,8 @@ class FleetView:
                           for model, backends in serving.items()}
         self._any_model = Group(any_model)
         self.models_body = model_lists.merged_models_body(self.healthy)
+        # Every model id a healthy backend lists.
+        self.model_ids = frozenset(serving)
 
     def serving(self, model: "str | None") -> Group:
         """The healthy backends a request for `model` may go to (all of them when the model is
@@ -194,7 +199,8 @@ class Registry:
         self.healthy = self.view.healthy
         self._list_version = -1
         self._changes = -1
-        # Set once every listed backend has been polled: until then nothing is known.
+        # Set once every listed backend has been polled, and the model list of each healthy one
+        # read: until then nothing is known.
         self.first_cycle = Event()
         # Set, and replaced by a fresh one, whenever `view` changes.
         self._changed = Event()
@@ -224,7 +230,8 @@ class Registry:
         if refresh:
             self._refresh_view()
         if not self.first_cycle.is_set() and self._list_version > 0 and all(
-                backend.last_checked_at is not None for backend in self.listed):
+                backend.last_checked_at is not None
+                and (backend.models_read or not backend.healthy) for backend in self.listed):
             self.first_cycle.set()
 
     def _mirror_list(self, entries) -> None:
@@ -255,6 +262,7 @@ class Registry:
             else None
         refresh = healthy != backend.healthy
         backend.healthy = healthy
+        backend.models_read = bool(table.float(column, C_MODELS_READ_AT))
         seq = table.models_seq(column)
         if seq != backend.models_seq and seq % 2 == 0:
             backend.models_seq = seq

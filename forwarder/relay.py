@@ -11,12 +11,15 @@ truncated body that looks finished.
 import contextlib
 import logging
 
+import gevent
+
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.util import SKIP_HEADER
 from werkzeug.http import parse_list_header
 
-from . import telemetry, upstream
+from . import environ_keys, telemetry, upstream
 from .client_watch import ClientGone, ClientWatch, ShuttingDown
+from .compat.server import write_now
 from .errors import error_body
 
 log = logging.getLogger(__name__)
@@ -79,20 +82,66 @@ def sse_error_event(message: str, code: int) -> bytes:
     return b"data: " + error_body(code, message) + b"\n\ndata: [DONE]\n\n"
 
 
-def relay_body(response, exchange, sse: bool, watch: "ClientWatch | None"):
+class KeepAlive:
+    """While an SSE response is silent for `seconds`, an SSE comment to its client (load
+    balancers cut connections idle for their timeout, 60 s on common cloud ones; SSE clients
+    ignore comments). Silence is read off the backend response's byte count (`tell()`) by a
+    timer, so relaying a chunk costs nothing more."""
+
+    CHECKS = 4  # a check every seconds / CHECKS: a comment after seconds to 1.25 × seconds
+
+    def __init__(self, response, seconds: float, environ):
+        self._response = response
+        self._environ = environ
+        self._seen = -1
+        self._quiet = 0
+        self._timer = gevent.get_hub().loop.timer(seconds / self.CHECKS, seconds / self.CHECKS)
+        self._timer.start(self._check)
+
+    def _check(self) -> None:
+        seen = self._response.tell()
+        if seen != self._seen:
+            self._seen, self._quiet = seen, 0
+            return
+        self._quiet += 1
+        if self._quiet >= self.CHECKS:
+            self._quiet = 0
+            gevent.spawn(write_now, self._environ.get(environ_keys.START_RESPONSE),
+                         self._environ.get("gunicorn.socket"), KEEP_ALIVE_COMMENT)
+
+    def stop(self) -> None:
+        self._timer.close()
+
+
+KEEP_ALIVE_COMMENT = b": keep-alive\n\n"
+
+
+def relay_body(response, exchange, sse: bool, watch: "ClientWatch | None", tap=None,
+               keep_alive: float = 0.0):
     """Yield the backend's body as it arrives, telling `exchange` (`telemetry.Exchange`) of its
-    first byte and of a cut; close the backend connection however it ends (when the client
-    leaves, that close is what makes vLLM abort the generation)."""
+    first and last byte and of a cut; pass each piece through `tap` (`usage.JsonTap` or
+    `usage.StreamTap`) when given; keep a silent SSE stream alive every `keep_alive` seconds;
+    close the backend connection however it ends (when the client leaves, that close is what
+    makes vLLM abort the generation)."""
     read = response.read1
     waiting = watch or contextlib.nullcontext()
+    alive = KeepAlive(response, keep_alive, exchange.environ) if sse and keep_alive else None
+    feed = tap.feed if tap is not None else None
     try:
         with waiting:
             chunk = read(READ_SIZE)
         exchange.first_byte()
         while chunk:
-            yield chunk
+            if feed is not None:
+                chunk = feed(chunk)
+            if chunk:
+                yield chunk
             with waiting:
                 chunk = read(READ_SIZE)
+        rest = tap.finish() if tap is not None else None
+        exchange.last_byte()
+        if rest:
+            yield rest
     except ClientGone:
         exchange.cut("client_left")
         telemetry.client_disconnected()
@@ -126,4 +175,6 @@ def relay_body(response, exchange, sse: bool, watch: "ClientWatch | None"):
             # Nothing else tells an HTTP client that a body with no length is incomplete.
             watch.abort_client()
     finally:
+        if alive is not None:
+            alive.stop()
         response.close()

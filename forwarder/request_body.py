@@ -18,6 +18,7 @@ import json
 import socket
 import time
 
+from . import usage
 from .environ_keys import CLOSE_CONNECTION
 from .errors import error_response
 
@@ -77,22 +78,25 @@ class BodyStream:
 
 
 def take(environ, length: "int | None", limit: int, parse: bool, forced_model: "str | None",
-         on_end) -> "tuple[bytes | BodyStream | None, dict | None]":
-    """(the body to send, the body's JSON object or None). The body is streamed from the client
-    when it is large, its length is known and nothing needs to read it (`on_end` is called once
-    it has all been read); it is read whole otherwise, and parsed when `parse` or there is a
-    `forced_model` to set in it. `BodyRefused` past `limit` or when it cannot be read to its
-    end."""
+         on_end, ask_usage: bool = False) -> "tuple[bytes | BodyStream | None, dict | None, bool]":
+    """(the body to send, the body's JSON object or None, whether the forwarder asked for its
+    usage). The body is streamed from the client when it is large, its length is known and
+    nothing needs to read it (`on_end` is called once it has all been read); it is read whole
+    otherwise, and parsed when `parse`, when there is a `forced_model` to set in it, or, with
+    `ask_usage`, when it may be a stream (`usage.ask_for_usage`). `BodyRefused` past `limit` or
+    when it cannot be read to its end."""
     if length is not None and length > limit:
         raise BodyTooLarge(limit)
     parse = parse or forced_model is not None
     if length is not None and length > STREAMED_BODY_BYTES and not parse:
-        return BodyStream(environ["wsgi.input"], length, on_end), None
+        return BodyStream(environ["wsgi.input"], length, on_end), None, False
     body = read_limited(environ["wsgi.input"], limit, length)
-    document = json_object(body) if body and parse else None
-    if forced_model is not None and document is not None:
-        body = with_model(document, forced_model)
-    return body or None, document
+    ask_usage = ask_usage and b'"stream"' in body
+    document = json_object(body) if body and (parse or ask_usage) else None
+    asked = ask_usage and document is not None and usage.ask_for_usage(document)
+    if document is not None and (forced_model is not None or asked):
+        body = encoded(document, forced_model)
+    return body or None, document, asked
 
 
 def read_limited(stream, limit: int, length: "int | None") -> bytes:
@@ -131,9 +135,10 @@ def json_object(body: bytes) -> "dict | None":
     return document if isinstance(document, dict) else None
 
 
-def with_model(document: dict, model: str) -> bytes:
-    """`document` with its `model` field set, encoded."""
-    document["model"] = model
+def encoded(document: dict, model: "str | None" = None) -> bytes:
+    """`document`, with its `model` field set when `model` is given, encoded."""
+    if model is not None:
+        document["model"] = model
     try:
         return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
     except UnicodeEncodeError:

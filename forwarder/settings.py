@@ -106,13 +106,38 @@ def _api_key(value: str) -> Optional[str]:
     return value
 
 
-def _api_keys(value: str) -> "Optional[tuple[str, ...]]":
+# A key's name, as metrics, logs and /_status show it.
+KEY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _api_keys(value: str) -> "Optional[tuple[tuple[Optional[str], str], ...]]":
+    """`KEY` or `NAME:KEY` entries, comma-separated, as (name or None, key) pairs."""
     if not value:
         return None
-    keys = tuple(key.strip() for key in value.split(","))
-    if not all(keys):
+    entries = tuple(entry.strip() for entry in value.split(","))
+    if not all(entries):
         raise ValueError("an empty key in the comma-separated list")
-    return tuple(_api_key(key) for key in keys)
+    keys = []
+    for entry in entries:
+        name, colon, key = entry.rpartition(":")
+        if colon and not KEY_NAME.fullmatch(name):
+            raise ValueError("a key's name may hold only letters, digits and - _ . "
+                             "(64 at most)")
+        keys.append((name or None, _api_key(key)))
+    return tuple(keys)
+
+
+def _optional_readable_file(value: str) -> Optional[str]:
+    return _readable_file(value) if value else None
+
+
+def _switch(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be 1 or 0 (true or false, on or off)")
 
 
 def _count(value: str) -> int:
@@ -187,10 +212,15 @@ class Settings:
     dns_timeout_seconds: float = _setting(
         "DNS_TIMEOUT_SECONDS", "5", _positive_seconds,
         "longest wait for one `dns+` lookup; on failure that entry keeps its last addresses")
-    forwarder_api_keys: "Optional[tuple[str, ...]]" = _setting(
+    forwarder_api_keys: "Optional[tuple[tuple[Optional[str], str], ...]]" = _setting(
         "FORWARDER_API_KEYS", None, _api_keys,
-        "comma-separated keys; when set, every `/v1/*` request needs "
+        "comma-separated keys, each `KEY` or `NAME:KEY`; when set, every `/v1/*` request needs "
         "`Authorization: Bearer <one of them>`, else `401`", secret=True)
+    api_keys_file: Optional[str] = _setting(
+        "API_KEYS_FILE", None, _optional_readable_file,
+        "a file of named keys with their limits, one a line (see [Keys and their "
+        "limits](#keys-and-their-limits)), read again every poll cycle; when set, every "
+        "`/v1/*` request needs one of its keys or of `FORWARDER_API_KEYS`")
     backend_api_key: Optional[str] = _setting(
         "BACKEND_API_KEY", None, _api_key,
         "when set, sent to backends as `Authorization: Bearer <it>` in place of the client's "
@@ -229,6 +259,14 @@ class Settings:
         "EJECT_SECONDS", "30", _positive_seconds,
         "how long an ejection lasts; doubled each time the same backend is ejected again soon "
         "after its return, up to 10 minutes")
+    sse_keepalive_seconds: float = _setting(
+        "SSE_KEEPALIVE_SECONDS", "15", _seconds,
+        "while an event stream is silent this long, the forwarder sends an SSE comment "
+        "(`: keep-alive`), so that load balancers' idle timeouts do not cut it; 0: off")
+    meter_tokens: bool = _setting(
+        "METER_TOKENS", "1", _switch,
+        "read each answer's token usage, per key and model (see [Tokens and "
+        "tenants](#tokens-and-tenants)); 0: off")
     end_streams_before_kill_seconds: float = _setting(
         "END_STREAMS_BEFORE_KILL_SECONDS", "0", _seconds,
         "after `SIGTERM`, responses still running this long before gunicorn's "

@@ -35,6 +35,12 @@ OTHER_ENDPOINT = "other"
 # The `backend` label of a request never sent to a backend (a 503, a path outside /v1/). Any other
 # request is counted under the last backend it was sent to, whether that one answered or not.
 NO_BACKEND = "none"
+# The `model` label of a model the fleet does not serve (or a request that named none), and the
+# `key` label of a request without a key's name: their values stay few.
+OTHER_MODEL = "other"
+NO_KEY = "none"
+# Cut responses that count as errors of their backend.
+_BACKEND_CUTS = frozenset(("backend_error", "backend_timeout"))
 
 
 # An answer can take from milliseconds (a cached embedding) to READ_TIMEOUT_SECONDS (600 s).
@@ -69,6 +75,28 @@ RETRIES = Counter(
     "Requests sent again: to another backend because the one picked could not be connected "
     "to, or once more when a kept-alive connection turned out closed without an answer.",
     registry=_LOCAL)
+PROMPT_TOKENS = Counter(
+    "forwarder_prompt_tokens_total",
+    "Prompt tokens of the answers that reported their usage, by model (other: one the fleet "
+    "does not serve) and API key name (none: no key, or a key without a name).",
+    ("model", "key"), registry=_LOCAL)
+COMPLETION_TOKENS = Counter(
+    "forwarder_completion_tokens_total",
+    "Completion tokens of the answers that reported their usage, by model and API key name.",
+    ("model", "key"), registry=_LOCAL)
+# The first token: milliseconds for a short prompt, minutes for a long prefill under load.
+TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, float("inf"))
+TTFT = Histogram(
+    "forwarder_time_to_first_token_seconds",
+    "Seconds from a streamed request's arrival to its first event (its first token), by model.",
+    ("model",), buckets=TTFT_BUCKETS, registry=_LOCAL)
+# Decoding speed: a few milliseconds per token on a fast GPU, more under a large batch.
+TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, float("inf"))
+TPOT = Histogram(
+    "forwarder_time_per_output_token_seconds",
+    "Seconds per output token after the first, of a streamed answer that reported its usage, "
+    "by model.",
+    ("model",), buckets=TPOT_BUCKETS, registry=_LOCAL)
 EJECTIONS = Counter(
     "forwarder_ejections_total",
     "Times a backend was taken out of rotation for failing requests in a row.",
@@ -76,7 +104,7 @@ EJECTIONS = Counter(
 REJECTED = Counter(
     "forwarder_rejected_total",
     "Requests refused with 429 before reaching a backend, by reason (queue_full, queue_timeout, "
-    "queue_overload).",
+    "queue_overload, key_max_concurrent, key_requests_per_minute, key_tokens_per_minute).",
     ("reason",), registry=_LOCAL)
 # A request waits in the queue from milliseconds to QUEUE_TIMEOUT_SECONDS (30 s).
 QUEUE_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, float("inf"))
@@ -95,6 +123,8 @@ CLIENT_DISCONNECTS = Counter(
 # is made only once observed, so requests that never reach a backend leave no empty histogram.
 _series = {}  # (backend, endpoint, status) -> (requests counter, duration histogram)
 _ttfb_series = {}  # (backend, endpoint) -> TTFB histogram
+_token_series = {}  # (model, key) -> (prompt tokens counter, completion tokens counter)
+_stream_series = {}  # model -> (time to first token, time per output token) histograms
 
 
 def endpoint_of(subpath: str) -> str:
@@ -121,33 +151,81 @@ def _ttfb_series_for(key):
     return series
 
 
+def _token_series_for(labels):
+    series = _token_series[labels] = (PROMPT_TOKENS.labels(*labels),
+                                      COMPLETION_TOKENS.labels(*labels))
+    return series
+
+
+def _stream_series_for(model):
+    series = _stream_series[model] = (TTFT.labels(model), TPOT.labels(model))
+    return series
+
+
 class Exchange:
-    """One `/v1` request as the metrics and the access log (`access_log.py`) see it, counted
-    when it ends."""
+    """One `/v1` request as the metrics, the access log (`access_log.py`) and the host table's
+    counters see it, counted when it ends: its backend, key, model and token usage."""
 
-    __slots__ = ("_environ", "_endpoint", "_started", "backend", "_first_byte", "_response")
+    __slots__ = ("_environ", "_endpoint", "_started", "_registry", "backend", "_column",
+                 "_first_byte", "_last_byte", "_response", "key", "model", "usage", "stream")
 
-    def __init__(self, environ: dict, subpath: str):
+    def __init__(self, environ: dict, subpath: str, registry):
         self._started = time.perf_counter()
         self._environ = environ
         self._endpoint = endpoint_of(subpath)
+        self._registry = registry
         # The base URL of the backend the request was last sent to, or NO_BACKEND.
         self.backend = NO_BACKEND
+        self._column = None
         self._first_byte = None
+        self._last_byte = None
         self._response = None
+        # The API key (`auth.Key`) counted in for the request, the model it named, what its
+        # answer used (`usage.Usage`), and whether that answer was a stream.
+        self.key = None
+        self.model = None
+        self.usage = None
+        self.stream = False
 
     @property
     def request_id(self) -> str:
         return self._environ[environ_keys.REQUEST_ID]
 
+    @property
+    def environ(self) -> dict:
+        return self._environ
+
+    @property
+    def endpoint(self) -> str:
+        return self._endpoint
+
     def sending_to(self, backend) -> None:
         """The request is being sent to this backend."""
         self.backend = self._environ[environ_keys.BACKEND] = backend.url
+        self._column = backend.column
 
     def first_byte(self) -> None:
         """The first byte of the backend's response body is ready to go to the client."""
         self._first_byte = elapsed = time.perf_counter() - self._started
         self._environ[environ_keys.TTFB] = "%.6f" % elapsed
+
+    def last_byte(self) -> None:
+        """The backend's response body has all been relayed (and its usage read)."""
+        self._last_byte = time.perf_counter() - self._started
+        usage, environ = self.usage, self._environ
+        if usage is None:
+            return
+        if self.model is None and usage.model is not None:
+            environ[environ_keys.MODEL] = usage.model
+        if usage.prompt_tokens is not None:
+            environ[environ_keys.PROMPT_TOKENS] = usage.prompt_tokens
+            environ[environ_keys.COMPLETION_TOKENS] = usage.completion_tokens
+
+    def named(self, model: "str | None") -> None:
+        """The request names `model`."""
+        self.model = model
+        if model is not None:
+            self._environ[environ_keys.MODEL] = model
 
     def cut(self, reason: str) -> None:
         """The response ended before the backend's body did, for `reason` (the access log's
@@ -162,13 +240,50 @@ class Exchange:
 
     def _count(self) -> None:
         duration = time.perf_counter() - self._started
-        key = (self.backend, self._endpoint, self._response.status_code)
+        status = self._response.status_code
+        key = (self.backend, self._endpoint, status)
         count, durations = _series.get(key) or _series_for(key)
         count.inc()
         durations.observe(duration)
         if self._first_byte is not None:
             key = (self.backend, self._endpoint)
             (_ttfb_series.get(key) or _ttfb_series_for(key)).observe(self._first_byte)
+        self._account(status)
+
+    def _account(self, status: int) -> None:
+        """The request's tokens and outcome, per backend, key and model."""
+        from .host_table import B_ERRORS, B_REQUESTS, B_TOKENS, K_ERRORS, K_IN_FLIGHT, \
+            K_REQUESTS, K_TOKENS, K_TOKENS_NOW
+
+        environ, table, usage = self._environ, self._registry.table, self.usage
+        model = self.model or (usage.model if usage is not None else None)
+        tokens = 0
+        if usage is not None and usage.prompt_tokens is not None:
+            tokens = usage.prompt_tokens + usage.completion_tokens
+            labels = (model if model in self._registry.view.model_ids else OTHER_MODEL,
+                      self.key.label if self.key is not None else NO_KEY)
+            prompt, completion = _token_series.get(labels) or _token_series_for(labels)
+            prompt.inc(usage.prompt_tokens)
+            completion.inc(usage.completion_tokens)
+            if self.stream and self._first_byte is not None:
+                ttft, tpot = _stream_series.get(labels[0]) or _stream_series_for(labels[0])
+                ttft.observe(self._first_byte)
+                if usage.completion_tokens > 1 and self._last_byte is not None:
+                    tpot.observe((self._last_byte - self._first_byte)
+                                 / (usage.completion_tokens - 1))
+        failed = status >= 500 or environ.get(environ_keys.CUT) in _BACKEND_CUTS
+        if self._column is not None:
+            table.add_backend(B_REQUESTS, self._column, 1)
+            table.add_backend(B_ERRORS, self._column, int(failed))
+            table.add_backend(B_TOKENS, self._column, tokens)
+        if self.key is not None:
+            column = self.key.column
+            table.add_key(K_IN_FLIGHT, column, -1)
+            table.add_key(K_REQUESTS, column, 1)
+            table.add_key(K_ERRORS, column, int(failed))
+            if tokens:
+                table.add_key(K_TOKENS, column, tokens)
+                table.count_per_minute(K_TOKENS_NOW, column, tokens, time.time())
 
 
 def client_disconnected() -> None:

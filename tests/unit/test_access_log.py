@@ -32,5 +32,23 @@ def test_an_operators_access_log_format_is_honoured(tmp_path):
     fields = dict(FIELD.findall(default))
     assert fields == {"request_id": "r-1", "method": "GET", "path": "/v1/models?x=1",
                       "status": "201", "backend": "http://b:1", "duration": "1.000005",
-                      "ttfb": "-", "bytes": "12", "cut": "-", "client": "10.0.0.2", "pid": str(os.getpid())}
+                      "ttfb": "-", "bytes": "12", "cut": "-", "model": "-", "key": "-",
+                      "prompt_tokens": "-", "completion_tokens": "-", "client": "10.0.0.2", "pid": str(os.getpid())}
     assert operator == '201 "GET /v1/models?x=1 HTTP/1.1" http://b:1 12'
+
+
+def test_a_model_named_by_the_client_cannot_break_the_line_or_forge_a_field(tmp_path):
+    config = Config()
+    config.set("accesslog", str(tmp_path / "access.log"))
+    logger = AccessLogger(config)
+
+    class Response:
+        status, sent, headers = "200 OK", 1, []
+
+    environ = {"REQUEST_METHOD": "POST", "RAW_URI": "/v1/completions",
+               "forwarder.model": "x status=500\ncaf\u00e9 \ud800"}
+    logger.access(Response(), None, environ, timedelta(seconds=1))
+    (line,) = (tmp_path / "access.log").read_text().splitlines()
+    fields = dict(FIELD.findall(line))
+    assert fields["status"] == "200"
+    assert fields["model"] == "x%20status=500%0Acaf%C3%A9%20%ED%A0%80"

@@ -12,7 +12,7 @@ from hypothesis import example, given, settings as hypothesis_settings, strategi
 
 from forwarder import backend_list, settings
 from forwarder.proxy import upstream_target
-from forwarder.request_body import json_object, with_model
+from forwarder.request_body import encoded, json_object
 
 # Text that looks like what an operator or an attacker would type, plus anything at all.
 ENTRY_PIECES = st.sampled_from([
@@ -160,7 +160,7 @@ def test_forcing_the_model_never_raises_and_only_sets_model(body):
     parsed = json_object(body)
     if parsed is None:
         return
-    rewritten = with_model(parsed, "forced")
+    rewritten = encoded(parsed, "forced")
     original, document = json.loads(body), json.loads(rewritten)
     assert document.pop("model") == "forced"
     original.pop("model", None)

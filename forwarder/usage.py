@@ -1,0 +1,150 @@
+"""Token usage: read from the answers that carry it, for the metrics, the access log and the keys'
+token limits.
+
+- **JSON answers** (chat, completions, embeddings … not streamed) end with vLLM's
+  `"usage": {"prompt_tokens": …, "completion_tokens": …}`; the relay keeps the start and the end
+  of such a body as it passes (`JsonTap`), and only those are searched, never the whole body.
+- **Streams** of `/v1/chat/completions` and `/v1/completions` carry usage in one event of their
+  own, `choices` empty, just before `data: [DONE]`, when the request asked for it
+  (`stream_options.include_usage`). When it did not, the forwarder asks for it (`ask_for_usage`)
+  and takes that event out again (`StreamTap`), so the client receives exactly the events it
+  would have received. Only relayed chunks that hold `"usage":{` are looked into.
+- `model` is the request's, or else the answer's; metrics label it only when the fleet serves it.
+"""
+
+import json
+import re
+
+# The endpoints whose streams carry usage in an event of their own.
+METERED_STREAMS = frozenset(("chat/completions", "completions"))
+# How much of a JSON answer's start and end is kept to find its model and usage.
+HEAD_BYTES = 1024
+TAIL_BYTES = 8192
+
+_USAGE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
+_MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
+_USAGE_START = b'"usage":{'
+
+
+def ask_for_usage(document: dict) -> bool:
+    """Make a streamed chat or completions request ask for its usage; True if it had not."""
+    if document.get("stream") is not True:
+        return False
+    options = document.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        return False
+    if options is not None and not isinstance(options, dict):
+        return False  # not vLLM's shape: the backend will say what is wrong
+    document["stream_options"] = {**(options or {}), "include_usage": True}
+    return True
+
+
+def _tokens(usage: bytes) -> "tuple[int, int] | None":
+    try:
+        found = json.loads(usage)
+    except ValueError:
+        return None
+    prompt, completion = found.get("prompt_tokens"), found.get("completion_tokens")
+    if not isinstance(prompt, int):
+        return None
+    return prompt, completion if isinstance(completion, int) else 0
+
+
+def _model(data: bytes) -> "str | None":
+    found = _MODEL.search(data)
+    if not found:
+        return None
+    try:
+        return json.loads(b'"' + found.group(1) + b'"')
+    except ValueError:
+        return None
+
+
+class Usage:
+    """What one answer used: `prompt_tokens`, `completion_tokens` (None while unknown) and the
+    answer's `model`."""
+
+    __slots__ = ("prompt_tokens", "completion_tokens", "model")
+
+    def __init__(self):
+        self.prompt_tokens = None
+        self.completion_tokens = None
+        self.model = None
+
+    def read(self, usage: bytes) -> None:
+        tokens = _tokens(usage)
+        if tokens is not None:
+            self.prompt_tokens, self.completion_tokens = tokens
+
+
+class JsonTap(Usage):
+    """A JSON answer's start and end, kept as it is relayed."""
+
+    __slots__ = ("_head", "_tail")
+
+    def __init__(self):
+        super().__init__()
+        self._head = b""
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        if len(self._head) < HEAD_BYTES:
+            self._head += chunk[:HEAD_BYTES - len(self._head)]
+        self._tail = (self._tail + chunk)[-TAIL_BYTES:] if len(chunk) < TAIL_BYTES \
+            else chunk[-TAIL_BYTES:]
+        return chunk
+
+    def finish(self) -> None:
+        self.model = _model(self._head)
+        found = None
+        for found in _USAGE.finditer(self._tail):
+            pass
+        if found is not None:
+            self.read(found.group(1))
+
+
+class StreamTap(Usage):
+    """A chat or completions stream's usage event, read, and taken out when the forwarder asked
+    for it (`hide`)."""
+
+    __slots__ = ("hide", "_held", "_first")
+
+    def __init__(self, hide: bool):
+        super().__init__()
+        self.hide = hide
+        self._held = b""
+        self._first = True
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._first:
+            self._first = False
+            self.model = _model(chunk[:HEAD_BYTES])
+        if not self._held and _USAGE_START not in chunk:
+            return chunk
+        data = self._held + chunk
+        self._held = b""
+        start = data.find(_USAGE_START)
+        if start < 0:
+            return data
+        before = data.rfind(b"\n\n", 0, start)
+        event_start = before + 2 if before >= 0 else 0
+        event_end = data.find(b"\n\n", start)
+        if event_end < 0:
+            # The event is not whole yet: hold it back until it is.
+            self._held = data[event_start:]
+            return data[:event_start]
+        event = data[event_start:event_end]
+        found = _USAGE.search(event)
+        if found is not None:
+            self.read(found.group(1))
+        if self.hide and b'"choices":[]' in event:
+            return data[:event_start] + self.feed_rest(data[event_end + 2:])
+        return data[:event_end + 2] + self.feed_rest(data[event_end + 2:])
+
+    def feed_rest(self, rest: bytes) -> bytes:
+        return self.feed(rest) if rest else b""
+
+    def finish(self) -> bytes:
+        """What is still held back (an event cut short by the end of the stream)."""
+        held, self._held = self._held, b""
+        return held
