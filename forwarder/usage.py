@@ -24,6 +24,9 @@ TAIL_BYTES = 8192
 _USAGE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
 _MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
 _USAGE_START = b'"usage":{'
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
+# One whole event with the blank line that ends it.
+_EVENTS = re.compile(rb".*?(?:\r\n\r\n|\n\n)", re.S)
 
 
 def ask_for_usage(document: dict) -> bool:
@@ -105,44 +108,39 @@ class JsonTap(Usage):
 
 class StreamTap(Usage):
     """A chat or completions stream's usage event, read, and taken out when the forwarder asked
-    for it (`hide`)."""
+    for it (`hide`). A piece that ends inside an event is held back until the event is whole
+    (an SSE client cannot use half an event either); whole events pass as they came."""
 
-    __slots__ = ("hide", "_held", "_first")
+    __slots__ = ("hide", "_held", "_started")
 
     def __init__(self, hide: bool):
         super().__init__()
         self.hide = hide
         self._held = b""
-        self._first = True
+        self._started = False
 
     def feed(self, chunk: bytes) -> bytes:
-        if self._first:
-            self._first = False
-            self.model = _model(chunk[:HEAD_BYTES])
-        if not self._held and _USAGE_START not in chunk:
+        if not self._held and self._started and chunk.endswith(_EVENT_ENDS) \
+                and _USAGE_START not in chunk:
             return chunk
         data = self._held + chunk
-        self._held = b""
-        start = data.find(_USAGE_START)
-        if start < 0:
-            return data
-        before = data.rfind(b"\n\n", 0, start)
-        event_start = before + 2 if before >= 0 else 0
-        event_end = data.find(b"\n\n", start)
-        if event_end < 0:
-            # The event is not whole yet: hold it back until it is.
-            self._held = data[event_start:]
-            return data[:event_start]
-        event = data[event_start:event_end]
+        lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+        end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+        whole, self._held = data[:end], data[end:]
+        if whole and not self._started:
+            self._started = True
+            self.model = _model(whole[:HEAD_BYTES])
+        if _USAGE_START not in whole:
+            return whole
+        return b"".join(self._kept(event) for event in _EVENTS.findall(whole))
+
+    def _kept(self, event: bytes) -> bytes:
+        if _USAGE_START not in event:
+            return event
         found = _USAGE.search(event)
         if found is not None:
             self.read(found.group(1))
-        if self.hide and b'"choices":[]' in event:
-            return data[:event_start] + self.feed_rest(data[event_end + 2:])
-        return data[:event_end + 2] + self.feed_rest(data[event_end + 2:])
-
-    def feed_rest(self, rest: bytes) -> bytes:
-        return self.feed(rest) if rest else b""
+        return b"" if self.hide and b'"choices":[]' in event else event
 
     def finish(self) -> bytes:
         """What is still held back (an event cut short by the end of the stream)."""
