@@ -35,6 +35,7 @@ from .errors import error_response
 from .host_table import (K_IN_FLIGHT, K_REQUESTS_NOW, K_TOKENS_NOW, HostTable)
 from .request_body import refuse_body
 from .settings import KEY_NAME
+from .watched_file import WatchedFile
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +129,11 @@ class Keys:
     def __init__(self, settings, table: HostTable):
         self.table = table
         self.static = tuple((name or "", key) for name, key in settings.forwarder_api_keys or ())
-        self.file = settings.api_keys_file
+        self.file = WatchedFile(settings.api_keys_file, "the API keys file") \
+            if settings.api_keys_file else None
         self.required = bool(self.static or self.file)
         self.ring = KeyRing(())
         self._version = -1
-        self._file_text = None
         self._file_keys = []
         if self.required and not self.file:
             # Known from the start: no need to wait for the leader.
@@ -143,17 +144,9 @@ class Keys:
         """The list leader's reading of the keys (every poll cycle)."""
         if not self.required:
             return
-        if self.file:
-            try:
-                with open(self.file, encoding="utf-8", errors="replace") as f:
-                    text = f.read()
-            except OSError as exc:
-                log.error("cannot read the API keys file %s (%s); keeping the last good keys",
-                          self.file, exc.strerror or exc)
-                text = self._file_text
-            if text is not None and text != self._file_text:
-                self._file_text = text
-                self._file_keys = parse_keys_file(text, self.file)
+        text = self.file.changed() if self.file else None
+        if text is not None:
+            self._file_keys = parse_keys_file(text, self.file.path)
         entries = [(name, digest(key.encode()), 0, 0, 0) for name, key in self.static]
         entries += [(name, digest(key.encode()), *(limits.get(n, 0) for n in LIMITS))
                     for name, key, limits in self._file_keys]

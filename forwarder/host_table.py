@@ -325,14 +325,19 @@ class HostTable:
                 if self._text(column, _SOURCE_AT, C_SOURCE_LEN) != source:
                     self._write_text(column, _SOURCE_AT, C_SOURCE_LEN, source, SOURCE_BYTES)
                 columns.append(column)
-            for index, column in enumerate(columns):
-                words[_LIST_AT + index] = column
-            words[_LIST_COUNT] = len(columns)
-            words[_LIST_VERSION] += 1
+            self._write_order(_LIST_AT, _LIST_COUNT, _LIST_VERSION, columns)
         finally:
             words[_LIST_SEQ] += 1
         self.changed()
         return added, removed
+
+    def _write_order(self, at: int, count_word: int, version_word: int, columns) -> None:
+        """A list's columns, in order, and a new version of it (under its sequence counter)."""
+        words = self.words
+        for index, column in enumerate(columns):
+            words[at + index] = column
+        words[count_word] = len(columns)
+        words[version_word] += 1
 
     def _free_column(self, now: float, quarantine: float) -> int:
         words, floats = self.words, self.floats
@@ -430,10 +435,7 @@ class HostTable:
                  words[base + K_TOKENS_PER_MINUTE]) = limits
                 words[base + K_STATE] = LISTED
                 columns.append(column)
-            for index, column in enumerate(columns):
-                words[_KEY_LIST_AT + index] = column
-            words[_KEYS_COUNT] = len(columns)
-            words[_KEYS_VERSION] += 1
+            self._write_order(_KEY_LIST_AT, _KEYS_COUNT, _KEYS_VERSION, columns)
         finally:
             words[_KEYS_SEQ] += 1
         self.changed()

@@ -29,6 +29,7 @@ import urllib3.exceptions
 from . import auth, backend_list, discovery, upstream, vllm_metrics
 from .host_table import C_MODELS_READ_AT, DRAINING, READY, S_HEARTBEAT, S_STATE, STARTING
 from .registry import Backend, Registry
+from .watched_file import WatchedFile
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class Poller:
         self.registry = registry
         self.table = registry.table
         self.keys = auth.shared_keys(settings, registry.table)
-        self.list_file = settings.ip_list_file
+        self.list_file = WatchedFile(settings.ip_list_file, "the backend list")
         self.default_port = settings.backend_default_port
         self.interval = settings.check_interval_seconds
         self.unhealthy_interval = min(UNHEALTHY_POLL_SECONDS, self.interval)
@@ -66,7 +67,6 @@ class Poller:
         self.session = upstream.make_session(pool_maxsize=1)
         self.headers = {"User-Agent": POLL_USER_AGENT}
         self.pool = gevent.pool.Pool(MAX_CONCURRENT_POLLS)
-        self.list_text = None
         self.entries = []
         self.discovery = discovery.Discovery(settings)
         self.leading = False
@@ -145,24 +145,17 @@ class Poller:
             self.reload_list()
             # `dns+` entries are resolved again every cycle, even when the file did not change.
             urls, sources = self.discovery.expand(self.entries)
-            self.registry.publish_list(urls, sources, self.list_file)
+            self.registry.publish_list(urls, sources, self.list_file.path)
         except Exception:
             log.exception("reading the backend list failed")
         finally:
             self.listing = None
 
     def reload_list(self) -> None:
-        try:
-            with open(self.list_file, encoding="utf-8", errors="replace") as f:
-                text = f.read()
-        except OSError as exc:
-            log.error("cannot read backend list %s (%s); keeping the last good list",
-                      self.list_file, exc.strerror or exc)
-            return
-        if text == self.list_text:
-            return  # unchanged: parsing again would only repeat the warnings of bad lines
-        self.list_text = text
-        self.entries = backend_list.parse_backend_list(text, self.list_file, self.default_port)
+        text = self.list_file.changed()
+        if text is not None:  # unchanged: parsing again would only repeat the bad lines' warnings
+            self.entries = backend_list.parse_backend_list(text, self.list_file.path,
+                                                           self.default_port)
 
     def check(self, backend: Backend) -> None:
         try:

@@ -227,7 +227,7 @@ class Settings:
         "header; when unset the client's header passes through", secret=True)
     admin_api_key: Optional[str] = _setting(
         "ADMIN_API_KEY", None, _api_key,
-        "when set, `/_backends`, `/_status` and `/metrics` need "
+        "when set, `/_backends`, `/_status` (and its `/_status/data`) and `/metrics` need "
         "`Authorization: Bearer <it>`, else `401`", secret=True)
     max_request_body_bytes: int = _setting(
         "MAX_REQUEST_BODY_BYTES", "67108864", _byte_count,

@@ -119,6 +119,23 @@ def read_response(sock, timeout=10):
     return head, rest
 
 
+def chat(stream=False, content="hi", model="llama", **extra):
+    """A chat completion request body."""
+    return {"model": model, "stream": stream,
+            "messages": [{"role": "user", "content": content}], **extra}
+
+
+def get_json(fwd, path):
+    """GET `path` of the forwarder on a connection of its own (so that any of its workers may
+    answer); the JSON answer."""
+    return _request("GET", fwd.url + path, timeout=5, headers=fwd._admin_headers()).json()
+
+
+def log_lines(process, pattern):
+    """The lines of a helper process's log that match `pattern` (a regular expression)."""
+    return [line for line in process.log().splitlines() if re.search(pattern, line)]
+
+
 def log_tail(path, lines=40):
     try:
         text = Path(path).read_text(errors="replace")

@@ -256,8 +256,8 @@ def test_unreadable_list_keeps_the_last_good_one(fake_backend, forwarder):
     backend = fake_backend()
     fwd = forwarder([backend.url], wait_healthy=1)
     os.remove(fwd.ip_file)
-    wait_until(lambda: "cannot read backend list" in fwd.log())
-    assert "keeping the last good list" in fwd.log()
+    wait_until(lambda: "cannot read the backend list" in fwd.log())
+    assert "keeping the last good one" in fwd.log()
     assert fwd.backends()["healthy"] == 1
     assert requests.get(fwd.url + "/v1/models").status_code == 200
 

@@ -1,32 +1,17 @@
 """One view per host: the workers of one instance share what they know (SPEC "One view per
 host"), each test through a real gunicorn with two workers."""
 
-import re
 import socket
 import time
 
 import requests
 
-from tests.harness import read_response, wait_until
+from tests.harness import chat, get_json, log_lines, read_response, wait_until
 
 CHAT = "/v1/chat/completions"
 
 
-def chat(stream=False, content="hi", **extra):
-    return {"model": "llama", "stream": stream,
-            "messages": [{"role": "user", "content": content}], **extra}
 
-
-def get_json(fwd, path):
-    """GET on a connection of its own, so that either worker may answer."""
-    with requests.Session() as session:
-        session.trust_env = False
-        response = session.get(fwd.url + path, timeout=5)
-    return response.json()
-
-
-def log_lines(fwd, pattern):
-    return [line for line in fwd.log().splitlines() if re.search(pattern, line)]
 
 
 def test_in_flight_counts_every_workers_requests_whichever_worker_answers(fake_backend,

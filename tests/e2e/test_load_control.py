@@ -3,7 +3,6 @@
 clause is about the instance."""
 
 import json
-import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,20 +12,11 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import wait_until
+from tests.harness import chat, get_json, log_lines, wait_until
 
 CHAT = "/v1/chat/completions"
 
 
-def chat(stream=False, content="hi", **extra):
-    return {"model": "llama", "stream": stream,
-            "messages": [{"role": "user", "content": content}], **extra}
-
-
-def get_json(fwd, path):
-    with requests.Session() as session:
-        session.trust_env = False
-        return session.get(fwd.url + path, timeout=5).json()
 
 
 def open_stream(fwd, body):
@@ -47,9 +37,6 @@ def metric(fwd, name, **labels):
                 return sample.value
     return 0.0
 
-
-def log_lines(fwd, pattern):
-    return [line for line in fwd.log().splitlines() if re.search(pattern, line)]
 
 
 # --- the load a policy sees ---------------------------------------------------------------

@@ -12,14 +12,10 @@ import openai
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import wait_until
+from tests.harness import chat, wait_until
 
 CHAT = "/v1/chat/completions"
 
-
-def chat(stream=False, content="hi", model="llama", **extra):
-    return {"model": model, "stream": stream,
-            "messages": [{"role": "user", "content": content}], **extra}
 
 
 def bearer(key):
