@@ -61,7 +61,7 @@ _SLOT_WORDS = 16
 (C_STATE, C_URL_LEN, C_SOURCE_LEN, C_REMOVED_AT, C_POLL_OK, C_POLLED_AT, C_POLL_REASON,
  C_POLL_STATUS, C_RUNNING, C_WAITING, C_KV_CACHE, C_IN_FLIGHT_AT_POLL, C_DOWN_AT, C_DOWN_REASON,
  C_FAILURES, C_LAST_FAILURE, C_LAST_FAILURE_STATUS, C_EJECTED_UNTIL, C_EJECT_SECONDS,
- C_EJECT_REASON, C_EJECT_STATUS, C_MODELS_SEQ, C_MODELS_LEN, C_MODELS_READ_AT) = range(24)
+ C_EJECT_REASON, C_EJECT_STATUS, C_MODELS_SEQ, C_MODELS_LEN, C_MODELS_READ_AT, C_VERSION) = range(25)
 _COLUMN_WORDS = 32 + (URL_BYTES + SOURCE_BYTES + MODELS_BYTES) // 8
 _URL_AT = 32 * 8
 _SOURCE_AT = _URL_AT + URL_BYTES
@@ -455,8 +455,10 @@ class HostTable:
     def set_float(self, column: int, word: int, value: float) -> None:
         self.floats[_column_base(column) + word] = value
 
-    def changed(self) -> None:
-        """Tell every worker that something its view depends on was written."""
+    def changed(self, column: "int | None" = None) -> None:
+        """Tell every worker that something its view depends on was written (in `column`)."""
+        if column is not None:
+            self.words[_column_base(column) + C_VERSION] += 1
         self.words[_CHANGES] += 1
 
     @property
@@ -464,7 +466,8 @@ class HostTable:
         return self.words[_CHANGES]
 
     def write_models(self, column: int, body: "bytes | None", now: float) -> bool:
-        """Store the backend's `/v1/models` answer (None: unreadable); True if it changed."""
+        """Store the backend's `/v1/models` answer (None: unreadable); True if it changed. The
+        writer then calls `changed(column)`."""
         base = _column_base(column)
         data = b"" if body is None else body[:MODELS_BYTES]
         length = -1 if body is None or len(body) > MODELS_BYTES else len(data)
@@ -477,7 +480,6 @@ class HostTable:
         self.bytes[start:start + len(data)] = data
         self.words[base + C_MODELS_LEN] = length
         self.words[base + C_MODELS_SEQ] += 1
-        self.changed()
         return True
 
     def read_models(self, column: int) -> "bytes | None":

@@ -26,7 +26,7 @@ from . import host_table, model_lists, telemetry
 from .host_table import (C_DOWN_AT, C_DOWN_REASON, C_EJECT_REASON, C_EJECT_SECONDS,
                          C_EJECT_STATUS, C_EJECTED_UNTIL, C_FAILURES, C_IN_FLIGHT_AT_POLL,
                          C_KV_CACHE, C_LAST_FAILURE, C_LAST_FAILURE_STATUS, C_MODELS_READ_AT,
-                         C_POLL_OK,
+                         C_POLL_OK, C_VERSION,
                          C_POLL_REASON, C_POLL_STATUS, C_POLLED_AT, C_RUNNING, C_WAITING, REASONS,
                          HostTable, reason_code)
 
@@ -59,7 +59,7 @@ class Backend:
     __slots__ = ("url", "column", "source", "healthy", "num_requests_running",
                  "num_requests_waiting", "kv_cache_usage", "last_checked_at", "last_error",
                  "ejected_until", "in_flight_at_poll", "models", "model_entries", "models_seq",
-                 "models_read", "_table", "_in_flight_gauge")
+                 "models_read", "version", "_table", "_in_flight_gauge")
 
     def __init__(self, url: str, column: int, table: HostTable):
         self.url = url
@@ -83,6 +83,8 @@ class Backend:
         self.models_seq = 0
         # Whether its model list has been asked for yet (read or found unreadable).
         self.models_read = False
+        # Its column's version when last mirrored.
+        self.version = -1
         # The same count, per worker, for /metrics (summed over workers there).
         self._in_flight_gauge = telemetry.in_flight_gauge(url)
 
@@ -226,7 +228,8 @@ class Registry:
             self._mirror_list(table.read_list())
             refresh = True
         for backend in self.listed:
-            refresh |= self._mirror(backend)
+            if table.word(backend.column, C_VERSION) != backend.version:
+                refresh |= self._mirror(backend)
         if refresh:
             self._refresh_view()
         if not self.first_cycle.is_set() and self._list_version > 0 and all(
@@ -249,6 +252,7 @@ class Registry:
     def _mirror(self, backend: Backend) -> bool:
         """Copy one backend's column into its attributes; True if routing must see it anew."""
         table, column = self.table, backend.column
+        backend.version = table.word(column, C_VERSION)
         healthy, error = _effective(table, column)
         polled_at = table.float(column, C_POLLED_AT)
         backend.last_checked_at = polled_at or None
@@ -281,7 +285,7 @@ class Registry:
 
     def _update(self, backend: Backend) -> None:
         """Mirror `backend` now, after this worker wrote its column."""
-        self.table.changed()
+        self.table.changed(backend.column)
         if self._mirror(backend):
             self._refresh_view()
 
