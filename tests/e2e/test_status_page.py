@@ -1,7 +1,8 @@
 """`GET /_status` in a real headless Chromium (Debian's `chromium`, driven by Playwright): it shows
 every backend, and a backend that dies turns unhealthy on the page without a reload; through two
 gunicorn workers, it shows what the instance knows as a whole: requests in flight from every
-worker, each backend's KV-cache use, an ejection, and the requests waiting in the queue."""
+worker, each backend's KV-cache use, an ejection, the requests waiting in the queue, and the
+requests, errors and tokens per second of each backend and API key name, with their charts."""
 
 import os
 import re
@@ -85,6 +86,9 @@ def test_status_page_shows_a_dying_backend_without_reload(fake_backend, forwarde
     # Everything the page loaded came from the forwarder itself: no external assets.
     assert requested and all(url.startswith(fwd.url + "/") for url in requested)
     assert sum(url.endswith("/_backends") for url in requested) >= 2
+    assert sum(url.endswith("/_status/data") for url in requested) >= 2
+    # No API keys: no keys table.
+    assert page.locator("#api-keys").is_hidden()
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "status-page.png"), full_page=True)
@@ -152,7 +156,7 @@ def test_status_page_shows_the_instance_wide_load_kv_cache_and_queue(
     assert "full" in full_row.locator(".kv-cache").get_attribute("class").split()
     assert page.locator("#queued").inner_text() == "0 requests"
     assert "0 requests waiting in the queue" in page.locator("#summary").inner_text()
-    assert "this worker" not in page.locator("thead").inner_html()
+    assert all("this worker" not in head.inner_html() for head in page.locator("thead").all())
 
     streams, chunks = [], []
     with ThreadPoolExecutor(1) as pool:
@@ -249,3 +253,113 @@ def test_status_page_shows_an_ejected_backend(fake_backend, forwarder, browser):
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "status-page-ejected.png"), full_page=True)
+
+
+RATE_KINDS = ("requests", "errors", "tokens")
+
+
+def shown_rates(page):
+    """What the page shows for each backend (by URL) and API key name: {kind: {"text": the
+    figure, "chart": whether its chart draws a line, "bad": whether it is styled as a problem}}."""
+    return page.evaluate(
+        """kinds => {
+          const shown = {};
+          for (const row of document.querySelectorAll("tr[data-url], tr[data-key]")) {
+            const figures = {};
+            for (const kind of kinds) {
+              const td = row.querySelector("td.rate." + kind);
+              const line = td && td.querySelector("svg.spark > path.line");
+              figures[kind] = td && {
+                text: td.querySelector(".value").textContent,
+                chart: line !== null && line.getAttribute("d").length > 0,
+                bad: td.classList.contains("bad")};
+            }
+            shown[row.dataset.url ?? row.dataset.key] = figures;
+          }
+          return shown;
+        }""", list(RATE_KINDS))
+
+
+def rate(shown, name, kind):
+    """The figure shown as a number, None when absent or "–"."""
+    try:
+        return float(shown[name][kind]["text"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def test_status_page_shows_requests_errors_and_tokens_per_second_by_backend_and_key(
+        fake_backend, forwarder, browser):
+    backend = fake_backend(config={"tokens": 5})
+    fwd = forwarder([backend.url], workers=2, wait_healthy=1,
+                    env={"FORWARDER_API_KEYS": "team-a:sk-a,team-b:sk-b"})
+    page, errors = open_status(browser, fwd)
+    page.wait_for_selector('#api-keys tr[data-key="team-b"]', timeout=SHOWN_MS)
+    assert page.locator("#api-keys").is_visible()
+    # Every configured key name has its row, its figures still 0 before any request.
+    shown = shown_rates(page)
+    assert set(shown) == {backend.url, "team-a", "team-b"}
+    assert shown["team-a"]["requests"]["text"] == "0"
+
+    def post(key, content):
+        with requests.Session() as session:  # a connection each: both workers relay some
+            session.trust_env = False
+            return session.post(fwd.url + CHAT, json=chat(content=content), timeout=10,
+                                headers={"Authorization": f"Bearer {key}"})
+
+    def send_round(index):
+        for key in ("sk-a", "sk-b", "sk-a", "sk-b", "sk-a"):
+            assert post(key, f"{key} {index}").status_code == 200
+        backend.configure(fail_status=500)
+        try:
+            assert post("sk-b", "fails").status_code == 500
+        finally:
+            backend.configure(fail_status=None)
+
+    def as_expected(shown):
+        for name in (backend.url, "team-a", "team-b"):
+            if not (rate(shown, name, "requests") or 0) > 0 or \
+                    not (rate(shown, name, "tokens") or 0) > 0:
+                return False
+        return (rate(shown, backend.url, "errors") or 0) > 0 and \
+            (rate(shown, "team-b", "errors") or 0) > 0 and rate(shown, "team-a", "errors") == 0
+
+    # The figures are the last interval's, from the last sample (every 10 s) to now: should a
+    # sample fall between the requests and the page's next refresh, they are in the interval
+    # before it; a new round then lands in the new one.
+    seen = []
+
+    def shown_as_expected():
+        shown = shown_rates(page)
+        if not seen or seen[-1] != shown:
+            seen.append(shown)
+        return as_expected(shown)
+
+    for index in range(3):
+        seen.clear()
+        send_round(index)
+        try:
+            wait_until(shown_as_expected, timeout=SHOWN_MS / 1000, interval=0.1)
+            break
+        except AssertionError:
+            if index == 2:
+                raise AssertionError(f"the page showed, in turn: {seen}") from None
+    shown = seen[-1]  # as it was then: a later sample starts an interval without them
+    for name in (backend.url, "team-a", "team-b"):
+        for kind in RATE_KINDS:
+            assert shown[name][kind]["chart"], f"no chart of {kind} for {name}: {shown}"
+    # Errors are styled as a problem, where there were some.
+    assert shown[backend.url]["errors"]["bad"] and shown["team-b"]["errors"]["bad"]
+    assert shown["team-a"]["errors"] == {"text": "0", "chart": True, "bad": False}
+    # Names only, never a key.
+    for text in (page.content(), page.locator("body").inner_text()):
+        assert "sk-a" not in text and "sk-b" not in text
+    # Both workers relayed some of them (each answer is counted by the worker that relayed it):
+    # the figures shown were the instance's.
+    wait_until(lambda: len({line["pid"] for line in fwd.access_lines()
+                            if line["path"] == CHAT}) == 2, message="one worker relayed all")
+    assert page.evaluate("window.loadedOnce") is True
+    assert not errors
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "status-page-rates.png"), full_page=True)

@@ -266,10 +266,18 @@ def _queries(node):
 def test_dashboard_queries_name_exported_metrics(served):
     backend, fwd = served
     assert get(fwd.url + "/v1/models/llama").status_code == 200  # so that the histograms exist
-    # Counters with labels appear once the first of their series is counted (nothing here is
-    # ejected or refused).
-    exported = {name for name, _ in scrape(fwd)} | {"forwarder_ejections_total",
-                                                     "forwarder_rejected_total"}
+    # Series with labels appear once the first of them is counted: a stream whose usage is read
+    # counts tokens, time to first token and time per output token (nothing here is ejected or
+    # refused).
+    body = {"model": "llama", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    assert requests.post(fwd.url + "/v1/chat/completions", json=body, timeout=10).ok
+
+    def exported_once_counted():
+        names = {name for name, _ in scrape(fwd)}
+        return names if "forwarder_time_per_output_token_seconds_bucket" in names else None
+
+    exported = wait_until(exported_once_counted, message="the stream's usage was never counted")
+    exported |= {"forwarder_ejections_total", "forwarder_rejected_total"}
     dashboard = json.loads(DASHBOARD.read_text())
     panels = [p for p in dashboard["panels"] if p.get("type") != "row"]
     assert panels
@@ -288,7 +296,10 @@ def test_dashboard_queries_name_exported_metrics(served):
                    "forwarder_backend_healthy", "forwarder_backend_requests_waiting",
                    "forwarder_queue_depth", "forwarder_queue_wait_seconds_bucket",
                    "forwarder_rejected_total", "forwarder_backend_kv_cache_usage",
-                   "forwarder_ejections_total"):
+                   "forwarder_ejections_total", "forwarder_prompt_tokens_total",
+                   "forwarder_completion_tokens_total",
+                   "forwarder_time_to_first_token_seconds_bucket",
+                   "forwarder_time_per_output_token_seconds_bucket"):
         assert needed in named
 
 
@@ -305,6 +316,9 @@ def test_readme_lists_every_metric_and_endpoint(served):
     # the first of its series is counted.
     listed = {name.removesuffix("_total") for name in listed}
     assert families <= listed
-    assert listed - families <= {"forwarder_ejections", "forwarder_rejected"}
+    assert listed - families <= {"forwarder_ejections", "forwarder_rejected",
+                                 "forwarder_prompt_tokens", "forwarder_completion_tokens",
+                                 "forwarder_time_to_first_token_seconds",
+                                 "forwarder_time_per_output_token_seconds"}
     for endpoint in telemetry.ENDPOINTS | {telemetry.OTHER_ENDPOINT}:
         assert f"`{endpoint}`" in section
