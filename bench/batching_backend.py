@@ -11,9 +11,18 @@ remembers the last `--cache-entries` prompts: a chat request whose conversation 
 message but the last two) is a prompt seen before prefills only its new messages. A client that
 goes away, waiting or running, is dropped, as vLLM aborts it.
 
+With `--kv-tokens N` the engine also has a KV cache of N tokens: a request admitted reserves its
+prompt's tokens and its `max_tokens` until it ends, the head of the waiting queue is admitted only
+when it fits (or nothing runs), and `/metrics` shows the tokens held / N as vLLM's
+`vllm:kv_cache_usage_perc`, so that a long prompt weighs on the engine as it does on a GPU. Without
+it (the default) nothing limits tokens and the gauge is absent.
+
+With `--fail-status CODE` every chat request is answered with that HTTP status and vLLM's error
+body, while `/metrics` and `/health` answer as usual: a backend that looks healthy but fails.
+
 Besides vLLM's `/v1/chat/completions` (streamed), `/v1/models`, `/metrics` and `/health`:
 
-    GET  /_sim/stats   {"admitted", "finished", "cache_eligible", "cache_hits"}
+    GET  /_sim/stats   {"admitted", "finished", "cache_eligible", "cache_hits", "failed"}
     POST /_sim/reset   drop every request, empty the cache, zero the stats
 """
 
@@ -49,8 +58,8 @@ def tokens_of(messages) -> int:
 class Sequence:
     """One request in the engine."""
 
-    __slots__ = ("prompt_tokens", "new_tokens", "prefix", "full", "remaining", "tokens",
-                 "aborted")
+    __slots__ = ("prompt_tokens", "new_tokens", "prefix", "full", "remaining", "footprint",
+                 "tokens", "aborted")
 
     def __init__(self, messages, max_tokens):
         self.prompt_tokens = tokens_of(messages)
@@ -58,6 +67,7 @@ class Sequence:
         self.new_tokens = tokens_of(messages[-2:])
         self.full = prompt_hash(messages)
         self.remaining = max_tokens
+        self.footprint = self.prompt_tokens + max_tokens  # KV tokens it holds while it runs
         self.tokens = Queue()  # one item per output token; None ends the stream
         self.aborted = False
 
@@ -71,11 +81,22 @@ class Engine:
         self.running = []
         self.cache = collections.OrderedDict()
         self.wake = Event()
-        self.stats = dict.fromkeys(("admitted", "finished", "cache_eligible", "cache_hits"), 0)
+        self.stats = dict.fromkeys(("admitted", "finished", "cache_eligible", "cache_hits",
+                                    "failed"), 0)
 
     def submit(self, sequence: Sequence) -> None:
         self.waiting.append(sequence)
         self.wake.set()
+
+    def kv_used(self) -> int:
+        """KV tokens held by the running requests."""
+        return sum(s.footprint for s in self.running if not s.aborted)
+
+    def fits(self, sequence: Sequence) -> bool:
+        """Whether `sequence` may start now as far as the KV cache goes (always when nothing
+        runs: a prompt larger than the cache still runs, alone)."""
+        budget = self.args.kv_tokens
+        return not budget or not self.running or self.kv_used() + sequence.footprint <= budget
 
     def reset(self) -> None:
         for sequence in [*self.waiting, *self.running]:
@@ -99,7 +120,10 @@ class Engine:
             prefill_tokens = 0
             admitted = []
             while self.waiting and len(self.running) < args.capacity:
-                sequence = self.waiting.popleft()
+                sequence = self.waiting[0]
+                if not sequence.aborted and not self.fits(sequence):
+                    break  # first come, first served: the head waits for room
+                self.waiting.popleft()
                 if sequence.aborted:
                     continue
                 hit = sequence.prefix is not None and sequence.prefix in self.cache
@@ -169,9 +193,7 @@ class App:
         if path == "/v1/chat/completions" and method == "POST":
             return self.chat(environ, start_response, json.loads(body))
         if path == "/metrics":
-            text = (f'vllm:num_requests_running{{model_name="{MODEL}"}} {len(engine.running)}\n'
-                    f'vllm:num_requests_waiting{{model_name="{MODEL}"}} {len(engine.waiting)}\n')
-            return self.respond(start_response, "200 OK", text.encode(), "text/plain")
+            return self.respond(start_response, "200 OK", self.metrics().encode(), "text/plain")
         if path in ("/health", "/health_generate"):
             return self.respond(start_response, "200 OK", b"")
         if path == "/v1/models":
@@ -184,7 +206,23 @@ class App:
             return self.respond(start_response, "200 OK", engine.stats)
         return self.respond(start_response, "404 Not Found", {"detail": "Not Found"})
 
+    def metrics(self) -> str:
+        engine = self.engine
+        text = (f'vllm:num_requests_running{{model_name="{MODEL}"}} {len(engine.running)}\n'
+                f'vllm:num_requests_waiting{{model_name="{MODEL}"}} {len(engine.waiting)}\n')
+        budget = engine.args.kv_tokens
+        if budget:
+            usage = min(1.0, engine.kv_used() / budget)
+            text += f'vllm:kv_cache_usage_perc{{model_name="{MODEL}"}} {usage:.4f}\n'
+        return text
+
     def chat(self, environ, start_response, request):
+        fail_status = self.engine.args.fail_status
+        if fail_status:
+            self.engine.stats["failed"] += 1
+            return self.respond(start_response, f"{fail_status} Simulated Failure", {
+                "object": "error", "message": "simulated engine failure",
+                "type": "InternalServerError", "param": None, "code": fail_status})
         sequence = Sequence(request["messages"], int(request.get("max_tokens") or 16))
         watcher = gevent.spawn(watch_client, environ["sim.socket"], sequence)
         self.engine.submit(sequence)
@@ -203,7 +241,9 @@ class App:
             if not sequence.aborted:
                 yield b"data: [DONE]\n\n"
         finally:
-            watcher.kill(block=False)
+            # Wait for the watcher to be gone: still in its recv, it would make the next
+            # request's read on this kept-alive connection fail (ConcurrentObjectUseError).
+            watcher.kill()
             sequence.aborted = True
 
 
@@ -217,6 +257,10 @@ def main(argv=None):
     parser.add_argument("--seq-step-seconds", type=float, default=0.0025)
     parser.add_argument("--prefill-seconds-per-token", type=float, default=0.00002)
     parser.add_argument("--cache-entries", type=int, default=256)
+    parser.add_argument("--kv-tokens", type=int, default=0,
+                        help="KV cache size in tokens (0: no limit, no usage gauge)")
+    parser.add_argument("--fail-status", type=int, default=0,
+                        help="answer every chat request with this HTTP status (0: never)")
     args = parser.parse_args(argv)
     engine = Engine(args)
     gevent.spawn(engine.run_forever)
