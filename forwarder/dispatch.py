@@ -171,6 +171,7 @@ class Dispatcher:
         if self.admission is not None:
             self.admission.notify()
 
+
     def _wait_for_a_change(self, deadline: float, waiting) -> bool:
         """No candidate is healthy: wait for the first poll cycle if it is not over (its first
         poll decides, rather than a blind 503), else until `deadline` for the fleet's view to
@@ -184,3 +185,21 @@ class Dispatcher:
             return False
         with waiting:
             return registry.wait_for_change(remaining)
+
+
+class Placement:
+    """The place a relayed request holds at its backend, from its answer's headers to its end:
+    its full weight until its first token, one request's after."""
+
+    __slots__ = ("_dispatcher", "_backend", "_weight")
+
+    def __init__(self, dispatcher: Dispatcher, backend, weight: int):
+        self._dispatcher = dispatcher
+        self._backend = backend
+        self._weight = weight
+
+    def prefilled(self) -> None:
+        self._weight = self._backend.prefilled(self._weight)
+
+    def release(self) -> None:
+        self._dispatcher.release(self._backend, self._weight)

@@ -10,7 +10,6 @@ Multipart bodies (audio) never are. `GET /v1/models` is answered from the fleet'
 built once per change.
 """
 
-import functools
 import posixpath
 import urllib.parse
 
@@ -19,7 +18,7 @@ from flask import Response, request
 from . import auth, relay, request_body, telemetry, upstream, usage
 from .client_watch import ClientGone, ClientWatch, ShuttingDown
 from .admission import Admission, Rejected
-from .dispatch import Dispatcher, DispatchFailed, Outgoing
+from .dispatch import Dispatcher, DispatchFailed, Outgoing, Placement
 from .environ_keys import CLOSE_CONNECTION, KEY, REQUEST_ID
 from .errors import error_response
 from .registry import Registry, weight_of
@@ -171,13 +170,15 @@ class Proxy:
             elif content_type.startswith("application/json"):
                 tap = usage.JsonTap()
         exchange.usage, exchange.stream = tap, sse
+        placement = Placement(self.dispatcher, backend, weight)
+        exchange.on_first_byte = placement.prefilled
         relayed = RelayedResponse(relay.relay_body(response, exchange, sse, watch, tap,
                                                    self.keep_alive),
                                   status=response.status,
                                   headers=relay.response_headers(response.headers))
         # For HEAD, 204 and 304 Werkzeug never starts the generator, so its `finally` never runs.
         relayed.call_on_close(response.close)
-        relayed.call_on_close(functools.partial(self.dispatcher.release, backend, weight))
+        relayed.call_on_close(placement.release)
         if watch:
             relayed.call_on_close(watch.stop)
         return exchange.finished(relayed)

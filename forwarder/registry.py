@@ -35,7 +35,8 @@ log = logging.getLogger("forwarder.backends")
 # The longest one ejection lasts, however often the backend is ejected again.
 MAX_EJECT_SECONDS = 600.0
 # A request weighs 1 + its body's length / this many bytes (a 100,000-token prompt, ~400 KB,
-# weighs about 100; a 10-token one, 1), counted in sixteenths so that it stays an integer.
+# weighs about 100; a 10-token one, 1) until its first token, and 1 after (its prefill, the work
+# that grows with the prompt, is done), counted in sixteenths so that it stays an integer.
 BYTES_PER_REQUEST = 4096
 WEIGHT_UNITS = 16
 
@@ -107,6 +108,13 @@ class Backend:
         """One request of `weight` relayed through this backend has finished."""
         self._table.release(self.column, weight)
         self._in_flight_gauge.dec()
+
+    def prefilled(self, weight: int) -> int:
+        """A request of `weight` in flight here has its first token: its prompt is prefilled, and
+        from now on it weighs what any one running sequence does. The weight it has now."""
+        if weight != WEIGHT_UNITS:
+            self._table.add_backend(host_table.B_WEIGHT, self.column, WEIGHT_UNITS - weight)
+        return WEIGHT_UNITS
 
     def status(self) -> dict:
         """The backend as `/_backends` shows it."""

@@ -9,7 +9,8 @@
   where `running` and `waiting` are its scraped `num_requests_*`, `counted` the instance's
   requests in flight to it when they were scraped (already in those figures), and `weight in
   flight` the weight of the instance's requests in flight to it now, all workers together
-  (`registry.weight_of`: 1 + body bytes / 4 KiB per request). Because each pick raises the chosen
+  (`registry.weight_of`: 1 + body bytes / 4 KiB per request until its first token, the prefill
+  that grows with the prompt; 1 after). Because each pick raises the chosen
   backend's figure at once, a burst between two polls spreads request by request instead of
   piling onto the backend that looked idlest at the last poll. (Two random choices, the usual
   remedy for stale figures, measured worse here: `bench/fleet_sim.py`.)

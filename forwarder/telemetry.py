@@ -167,7 +167,8 @@ class Exchange:
     counters see it, counted when it ends: its backend, key, model and token usage."""
 
     __slots__ = ("_environ", "_endpoint", "_started", "_registry", "backend", "_column",
-                 "_first_byte", "_last_byte", "_response", "key", "model", "usage", "stream")
+                 "_first_byte", "_last_byte", "_response", "key", "model", "usage", "stream",
+                 "on_first_byte")
 
     def __init__(self, environ: dict, subpath: str, registry):
         self._started = time.perf_counter()
@@ -186,6 +187,8 @@ class Exchange:
         self.model = None
         self.usage = None
         self.stream = False
+        # Called with the first byte of the backend's body.
+        self.on_first_byte = None
 
     @property
     def request_id(self) -> str:
@@ -208,6 +211,8 @@ class Exchange:
         """The first byte of the backend's response body is ready to go to the client."""
         self._first_byte = elapsed = time.perf_counter() - self._started
         self._environ[environ_keys.TTFB] = "%.6f" % elapsed
+        if self.on_first_byte is not None:
+            self.on_first_byte()
 
     def last_byte(self) -> None:
         """The backend's response body has all been relayed (and its usage read)."""

@@ -2,8 +2,8 @@
 
 import collections
 
-from forwarder.registry import Backend, FleetView, Registry
-from forwarder.routing import HashRing, Router, session_key, stable_hash
+from forwarder.registry import Backend, FleetView, Registry, weight_of
+from forwarder.routing import HashRing, Router, load, session_key, stable_hash
 from tests.unit.fleets import fleet, poll, serve
 
 
@@ -75,3 +75,15 @@ def test_fleet_view_groups_by_model():
     assert set(view.serving("m1").members) == {a, anything}
     assert set(view.serving("nope").members) == {anything}
     assert isinstance(view, FleetView) and view.models_body.startswith(b'{"object":"list"')
+
+
+def test_a_request_weighs_its_size_until_its_first_token():
+    registry = fleet(1)
+    (backend,) = registry.backends()
+    weight = weight_of(40 * 1024)  # 1 + 40 KiB / 4 KiB
+    backend.acquire(weight)
+    assert load(backend) == 11
+    weight = backend.prefilled(weight)
+    assert load(backend) == 1
+    backend.release(weight)
+    assert load(backend) == 0 and backend.in_flight == 0
