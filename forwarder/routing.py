@@ -1,25 +1,28 @@
 """Choosing the backend for one request: the `ROUTING_POLICY`, applied to the fleet's view.
 
 - `random`: any candidate, uniformly.
-- `least_loaded`: the candidate with the least load, ties broken at random, among those whose KV
-  cache is less than KV_NEARLY_FULL (all of them, when none is). A backend's load is
+- `least_loaded`: the candidate with the least load, ties broken at random. A backend's load is
 
       load = max(0, running + waiting − counted) + weight in flight / WEIGHT_UNITS
+             + KV_FULL_PENALTY × max(0, kv − KV_NEARLY_FULL) / (1 − KV_NEARLY_FULL)
 
   where `running` and `waiting` are its scraped `num_requests_*`, `counted` the instance's
-  requests in flight to it when they were scraped (already in those figures), and `weight in
+  requests in flight to it when they were scraped (already in those figures), `weight in
   flight` the weight of the instance's requests in flight to it now, all workers together
   (`registry.weight_of`: 1 + body bytes / 4 KiB per request until its first token, the prefill
-  that grows with the prompt; 1 after). Because each pick raises the chosen
-  backend's figure at once, a burst between two polls spreads request by request instead of
-  piling onto the backend that looked idlest at the last poll. (Two random choices, the usual
-  remedy for stale figures, measured worse here: `bench/fleet_sim.py`.)
+  that grows with the prompt; 1 after), and `kv` its scraped KV-cache use: a cache past 90 %
+  counts up to 16 requests more, so a backend about to preempt is avoided while another has
+  room and is not that much busier. Because each pick raises the chosen backend's figure at
+  once, a burst between two polls spreads request by request instead of piling onto the backend
+  that looked idlest at the last poll. (Two random choices, the usual remedy for stale figures,
+  measured worse here, and so did avoiding a nearly full cache outright, on a figure up to a poll
+  old: `bench/fleet_sim.py`.)
 - `affinity`: consistent hashing with bounded loads. A session key maps to its home on the ring;
-  a backend is skipped when taking the request would lift its load over 1.25 × the average
-  (`load + w > 1.25 × (total load + w) / candidates`, `w` the request's weight), or when its KV
-  cache is nearly full while another's is not, so a session moves when its backend is down or
-  overloaded. A session that moved is remembered and stays where it moved (its prefix cache is
-  there now) until that backend is down or over the bound too.
+  a backend is skipped when taking the request would lift its load (the same load) over 1.25 ×
+  the average (`load + w > 1.25 × (total load + w) / candidates`, `w` the request's weight), so a
+  session moves when its backend is down or overloaded. A session that moved is remembered and
+  stays where it moved (its prefix cache is there now) until that backend is down or over the
+  bound too.
 
 Candidates are the healthy backends that serve the request's model (`FleetView.serving`).
 """
@@ -37,6 +40,10 @@ SESSION_HEADER = "X-Session-ID"
 LOAD_BOUND = 1.25
 # A KV cache this full is about to preempt and recompute: avoided while another has room.
 KV_NEARLY_FULL = 0.9
+# Past KV_NEARLY_FULL a backend counts up to this many requests busier (at a full cache), so it
+# is avoided while another with room is less busy than that, without the whole fleet piling onto
+# one backend on a figure up to a poll old.
+KV_FULL_PENALTY = 16.0
 # Points per backend on the ring: enough that each backend's share of keys is within a few
 # percent of even, few enough that a list of thousands of backends sorts in milliseconds.
 RING_POINTS_PER_BACKEND = 64
@@ -86,17 +93,9 @@ def load(backend) -> float:
     """Requests queued at or running on the backend, in requests of weight 1, as far as the
     instance knows (see the module docstring)."""
     scraped = (backend.num_requests_running or 0) + (backend.num_requests_waiting or 0)
-    return max(0, scraped - backend.in_flight_at_poll) + backend.in_flight_weight / WEIGHT_UNITS
-
-
-def kv_nearly_full(backend) -> bool:
-    return (backend.kv_cache_usage or 0.0) >= KV_NEARLY_FULL
-
-
-def _with_room(members):
-    """The members whose KV cache is not nearly full, or all of them when none has room."""
-    roomy = tuple(b for b in members if not kv_nearly_full(b))
-    return roomy or members
+    pressure = max(0.0, (backend.kv_cache_usage or 0.0) - KV_NEARLY_FULL) / (1 - KV_NEARLY_FULL)
+    return (max(0, scraped - backend.in_flight_at_poll) + backend.in_flight_weight / WEIGHT_UNITS
+            + KV_FULL_PENALTY * pressure)
 
 
 def session_key(header: "str | None", document: "dict | None") -> "str | None":
@@ -164,7 +163,6 @@ class Router:
 
     @staticmethod
     def _least_loaded(members, key, weight):
-        members = _with_room(members)
         # `min` keeps the first of equals: starting at a random place breaks ties at random.
         start = random.randrange(len(members))
         return min(members[start:] + members[:start], key=load)
@@ -172,7 +170,7 @@ class Router:
     def _affinity(self, members, key, weight):
         if key is None:
             return self._least_loaded(members, None, weight)
-        loads = {backend: load(backend) for backend in _with_room(members)}
+        loads = {backend: load(backend) for backend in members}
         # The bound: with this request, no more than LOAD_BOUND × the average (but room for one
         # request even on an idle fleet).
         bound = max(weight, LOAD_BOUND * (sum(loads.values()) + weight) / len(loads))

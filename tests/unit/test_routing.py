@@ -2,6 +2,8 @@
 
 import collections
 
+import pytest
+
 from forwarder.registry import Backend, FleetView, Registry, weight_of
 from forwarder.routing import HashRing, Router, load, session_key, stable_hash
 from tests.unit.fleets import fleet, poll, serve
@@ -87,3 +89,15 @@ def test_a_request_weighs_its_size_until_its_first_token():
     assert load(backend) == 1
     backend.release(weight)
     assert load(backend) == 0 and backend.in_flight == 0
+
+
+def test_a_nearly_full_kv_cache_counts_up_to_16_requests_more():
+    registry = fleet(2)
+    full, roomy = registry.backends()
+    poll(registry, full, num_requests_running=0, num_requests_waiting=0, kv_cache_usage=0.95)
+    poll(registry, roomy, num_requests_running=4, num_requests_waiting=3, kv_cache_usage=0.2)
+    router = Router("least_loaded", registry)
+    assert load(full) == pytest.approx(8) and load(roomy) == 7
+    assert {router.pick((full, roomy), None) for _ in range(20)} == {roomy}
+    poll(registry, roomy, num_requests_running=8, num_requests_waiting=3, kv_cache_usage=0.2)
+    assert {router.pick((full, roomy), None) for _ in range(20)} == {full}  # far busier
