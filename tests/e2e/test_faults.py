@@ -232,7 +232,8 @@ def test_backends_added_and_removed_in_ip_txt(fake_backend, forwarder):
     fwd.ip_file.write_text(f"{a.url}\n{b.url}\n")
     wait_until(lambda: fwd.backends()["healthy"] == 2)
     with requests.Session() as http:
-        names = {http.get(fwd.url + "/v1/any/path").headers["x-fake-backend"] for _ in range(30)}
+        answers = [http.get(fwd.url + "/v1/any/path") for _ in range(30)]
+    names = {r.headers.get("x-fake-backend", f"{r.status_code} {r.text}") for r in answers}
     assert names == {"a", "b"}
 
     with requests.post(fwd.url + CHAT, json=chat_body(stream=True), stream=True,
