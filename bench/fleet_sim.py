@@ -277,8 +277,11 @@ class Spec:
         """What the policy counts as a backend's load."""
         if self.rust:
             return "requests (its own count in flight)"
+        if dict(self.env).get("REQUEST_WEIGHT_BYTES") == "0":
+            return "requests, in flight and scraped, KV pressure"
         return {"random": "nothing (uniform)",
-                "least_loaded": "request size (1 + body bytes / 4096), KV ≥ 0.9 avoided",
+                "least_loaded": "request size until the first token (1 + body bytes / 4096), "
+                                "KV pressure",
                 "affinity": "request size, for its load bound"}[self.policy]
 
 
@@ -647,9 +650,13 @@ SCENARIOS = {
         load80_contenders, table, {"load": 0.8}),
     "mixed-sizes": Scenario(
         "85 % of capacity, a tenth of the prompts 20 times longer, engines with a KV cache of "
-        "49,152 tokens. least_loaded weighs each request by its size; vllm-router's "
-        "power_of_two counts requests; random counts nothing",
-        lambda args: (Spec("least_loaded"), Spec("power_of_two", rust=True), Spec("random")),
+        "49,152 tokens. least_loaded weighs each request by its size, or, with "
+        "REQUEST_WEIGHT_BYTES=0, counts requests; vllm-router's power_of_two counts requests; "
+        "random counts nothing",
+        lambda args: (Spec("least_loaded"),
+                      Spec("least_loaded", env=(("REQUEST_WEIGHT_BYTES", "0"),),
+                           note="counting requests"),
+                      Spec("power_of_two", rust=True), Spec("random")),
         mixed_table, {"load": 0.85, "long_share": 0.1, "kv_tokens": 49152}),
     "failing-backend": Scenario(
         "50 % of capacity, backend 1 answers every request 500 while its /metrics and /health "

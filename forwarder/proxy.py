@@ -72,6 +72,7 @@ class Proxy:
         self.keys = keys
         self.meter = settings.meter_tokens
         self.keep_alive = settings.sse_keepalive_seconds
+        self.weight_bytes = settings.request_weight_bytes
         self.router = Router(settings.routing_policy, registry)
         self.dispatcher = Dispatcher(registry, self.router, settings,
                                      Admission(settings, registry.table))
@@ -129,7 +130,7 @@ class Proxy:
         if self.backend_authorization:
             headers["Authorization"] = self.backend_authorization
 
-        weight = weight_of(len(body) if body else 0)
+        weight = weight_of(len(body) if body else 0, self.weight_bytes)
 
         def attempt(backend):
             return upstream.send(method, backend.url + target, headers, body,

@@ -34,16 +34,19 @@ log = logging.getLogger("forwarder.backends")
 
 # The longest one ejection lasts, however often the backend is ejected again.
 MAX_EJECT_SECONDS = 600.0
-# A request weighs 1 + its body's length / this many bytes (a 100,000-token prompt, ~400 KB,
-# weighs about 100; a 10-token one, 1) until its first token, and 1 after (its prefill, the work
-# that grows with the prompt, is done), counted in sixteenths so that it stays an integer.
-BYTES_PER_REQUEST = 4096
+# A request weighs 1 + its body's length / REQUEST_WEIGHT_BYTES (4096 by default: a
+# 100,000-token prompt, ~400 KB, weighs about 100; a 10-token one, 1) until its first token, and 1
+# after (its prefill, the work that grows with the prompt, is done), counted in sixteenths so that
+# it stays an integer.
 WEIGHT_UNITS = 16
 
 
-def weight_of(body_length: int) -> int:
-    """A request's weight, in WEIGHT_UNITS per request, from its body's length in bytes."""
-    return WEIGHT_UNITS + body_length * WEIGHT_UNITS // BYTES_PER_REQUEST
+def weight_of(body_length: int, bytes_per_request: int) -> int:
+    """A request's weight, in WEIGHT_UNITS per request, from its body's length in bytes (1 for
+    every request when `bytes_per_request` is 0)."""
+    if not bytes_per_request:
+        return WEIGHT_UNITS
+    return WEIGHT_UNITS + body_length * WEIGHT_UNITS // bytes_per_request
 
 
 def _figure(value: float) -> "float | None":

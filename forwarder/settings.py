@@ -236,6 +236,11 @@ class Settings:
         "ROUTING_POLICY", "random", _routing_policy,
         "how a backend is chosen: `random`, `least_loaded` or `affinity` "
         "(see [Routing](#routing))")
+    request_weight_bytes: int = _setting(
+        "REQUEST_WEIGHT_BYTES", "4096", _count,
+        "until its first token a request weighs 1 + its body's length / this many bytes in the "
+        "load of `least_loaded` and `affinity` (see [Policies](#policies)); 0: every request "
+        "weighs 1")
     max_in_flight_per_backend: int = _setting(
         "MAX_IN_FLIGHT_PER_BACKEND", "0", _count,
         "the most requests one instance has in flight to one backend, all workers together; "

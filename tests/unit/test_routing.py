@@ -82,7 +82,8 @@ def test_fleet_view_groups_by_model():
 def test_a_request_weighs_its_size_until_its_first_token():
     registry = fleet(1)
     (backend,) = registry.backends()
-    weight = weight_of(40 * 1024)  # 1 + 40 KiB / 4 KiB
+    weight = weight_of(40 * 1024, 4096)  # 1 + 40 KiB / 4 KiB
+    assert weight_of(40 * 1024, 0) == weight_of(0, 4096)  # counting requests
     backend.acquire(weight)
     assert load(backend) == 11
     weight = backend.prefilled(weight)
