@@ -15,12 +15,14 @@ import asyncio
 import datetime
 import functools
 import json
+import math
 import os
 import platform
 import re
 import resource
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -416,6 +418,24 @@ def _alternating(polling, quiet, count) -> "tuple[load.Tally, load.Tally]":
     return tallies
 
 
+def _idle_polling(forwarder, backend, seconds) -> "tuple[float, float, int]":
+    """Over `seconds` of polling with nothing relayed, once every backend was polled: polls a
+    second as the backends saw them, the forwarder's workers' CPU seconds a second, and how many
+    connections they opened."""
+    time.sleep(2)  # every backend polled at least once
+    before = backend.stats()
+    cpu_before = forwarder.cpu_seconds()
+    time.sleep(seconds)
+    share = (forwarder.cpu_seconds() - cpu_before) / seconds
+    after = backend.stats()
+    # Less the connection that asked for the stats.
+    connections = after["connections"] - before["connections"] - 1
+    return (after["metrics"] - before["metrics"]) / seconds, share, connections
+
+
+# The workers of the instance whose polling CPU scenario 4 measures: the shipped one per core,
+# at least two, so that the sharing of the polls is part of what is measured.
+INSTANCE_WORKERS = max(2, os.cpu_count() or 1)
 # Spread at random over 100 backends, 500 requests reach all but ~1 of them.
 WARM_UP_REQUESTS = 500
 ALTERNATION_BLOCK = 100
@@ -426,8 +446,9 @@ def scenario_polling(table, workdir, quick, pins):
 
     What polling costs relayed requests is their latency beside that of an identical forwarder
     that is not polling (its first poll cycle over, the next an hour away), measured in
-    alternating blocks in the same run; and how often a poll held the hub for over 2 ms, which
-    gevent's own monitor reports."""
+    alternating blocks in the same run; how often a poll held the hub for over 2 ms, which
+    gevent's own monitor reports; and, for an instance of INSTANCE_WORKERS workers sharing the
+    polls, the polls the backends see and the workers' CPU per backend per cycle."""
     idle_seconds = 5 if quick else 15
     count = 1500 if quick else 5000
     backend = Backend(workdir, ports=100, cpus=pins.backend)
@@ -435,15 +456,7 @@ def scenario_polling(table, workdir, quick, pins):
     try:
         forwarder = Forwarder(workdir, backend.ports, cpus=pins.forwarder,
                               env={"CHECK_INTERVAL_SECONDS": "1"})
-        time.sleep(2)  # every backend polled at least once
-        before = backend.stats()
-        cpu_before = forwarder.cpu_seconds()
-        time.sleep(idle_seconds)
-        polling_share = (forwarder.cpu_seconds() - cpu_before) / idle_seconds
-        after = backend.stats()
-        polls = (after["metrics"] - before["metrics"]) / idle_seconds
-        # Less the connection that asked for the stats.
-        poll_connections = after["connections"] - before["connections"] - 1
+        polls, polling_share, poll_connections = _idle_polling(forwarder, backend, idle_seconds)
         direct = asyncio.run(load.sequential(backend.url, count))
         quiet_forwarder = Forwarder(workdir, backend.ports, cpus=pins.forwarder,
                                     env={"CHECK_INTERVAL_SECONDS": "3600"})
@@ -454,6 +467,14 @@ def scenario_polling(table, workdir, quick, pins):
                 started.stop()
     try:
         blocked = hub_blocks_while_polling(workdir, backend, idle_seconds, pins)
+        instance = Forwarder(workdir, backend.ports, workers=INSTANCE_WORKERS,
+                             cpus=pins.forwarder, env={"CHECK_INTERVAL_SECONDS": "1"})
+        try:
+            master_before = cpu_seconds(instance.proc.pid)
+            instance_polls, instance_share, _ = _idle_polling(instance, backend, idle_seconds)
+            master_share = (cpu_seconds(instance.proc.pid) - master_before) / idle_seconds
+        finally:
+            instance.stop()
     finally:
         backend.stop()
     name = "4. polling 100 backends × 88 KB every 1 s"
@@ -462,6 +483,15 @@ def scenario_polling(table, workdir, quick, pins):
               note=f"{polls * idle_seconds:,.0f} polls")
     table.add(name, "worker CPU share spent polling", f"{polling_share:.1%}", None, ratio=False,
               note=f"{polling_share / max(polls, 1) * 1e6:.0f} µs per poll")
+    # Each backend is polled once a cycle (a second) whatever the number of workers.
+    backends = len(backend.ports)
+    table.add(name, f"polls/s, {INSTANCE_WORKERS} workers", instance_polls, 100.0, ratio=False,
+              note=f"target 100, not {100 * INSTANCE_WORKERS}: one poll owner per backend")
+    table.add(name, f"CPU per backend per cycle, {INSTANCE_WORKERS} workers together",
+              instance_share / backends * 1e6, None, " µs", ratio=False,
+              note=f"target ≤ 1,500 µs; the workers {instance_share:.1%} of a core, idle, "
+                   f"{instance_share / max(instance_polls, 1) * 1e6:,.0f} µs per poll; "
+                   f"gunicorn's master {master_share / backends * 1e6:.0f} µs more")
     for label, fraction in (("p50", 0.5), ("p99", 0.99), ("max", 1.0)):
         polling = ms(load.percentile(relayed.latencies, fraction))
         not_polling = ms(load.percentile(quiet.latencies, fraction))
@@ -475,6 +505,75 @@ def scenario_polling(table, workdir, quick, pins):
                    f"{blocked['polls_in_kernel']} of them inside a socket system call; "
                    f"{blocked['other']} times by the relaying")
     table.add(name, "errors", relayed.errors + quiet.errors, direct.errors, ratio=False)
+
+
+# Scenario 5's forwarders, from reading no host-wide sum per request to reading the most: (name,
+# environment, the variants its CPU per request is compared with).
+SHARED_TABLE_VARIANTS = (
+    ("random", {"ROUTING_POLICY": "random"}, ()),
+    # The same again: how far two identical forwarders differ here, the noise floor.
+    ("random, again", {"ROUTING_POLICY": "random"}, ("random",)),
+    # An in-flight weight summed over the workers' rows per candidate.
+    ("least_loaded", {"ROUTING_POLICY": "least_loaded"}, ("random",)),
+    # And the brake's: an in-flight count per candidate and the queue's length over the rows, a
+    # limit so high that nothing ever waits.
+    ("least_loaded + MAX_IN_FLIGHT_PER_BACKEND",
+     {"ROUTING_POLICY": "least_loaded", "MAX_IN_FLIGHT_PER_BACKEND": "1000000"},
+     ("random", "least_loaded")),
+)
+SHARED_TABLE_BACKENDS = 4
+
+
+def scenario_shared_table(table, workdir, quick, pins):
+    """5. What reading the host table's in-flight sums costs a request: one worker's CPU per
+    non-streaming request at concurrency 64 over 4 backends (four ports of one fake backend), for
+    each routing variant of SHARED_TABLE_VARIANTS, in rounds of one block each, so that all of
+    them meet the same machine. Every round starts its forwarders afresh (a process's own layout,
+    hash seed and addresses, moves its CPU per request by a few percent for its whole life, more
+    than the difference measured here), and each variant takes each place in the order of
+    starting and of measuring equally often."""
+    variants = len(SHARED_TABLE_VARIANTS)
+    rounds = variants * (1 if quick else 3)
+    seconds = 1.5 if quick else 4
+    backend = Backend(workdir, ports=SHARED_TABLE_BACKENDS, cpus=pins.backend)
+    cpu = [[] for _ in SHARED_TABLE_VARIANTS]  # per variant, µs per request of each round
+    tallies = [load.Tally() for _ in SHARED_TABLE_VARIANTS]
+    try:
+        for turn in range(rounds):
+            order = [(turn + i) % variants for i in range(variants)]
+            forwarders = {}
+            try:
+                for index in order:
+                    forwarders[index] = Forwarder(workdir, backend.ports, cpus=pins.forwarder,
+                                                  env=SHARED_TABLE_VARIANTS[index][1])
+                for index in order:  # connections to every backend open, caches warm
+                    asyncio.run(load.closed_loop(forwarders[index].url, 64, 0.5))
+                for index in order:
+                    cpu_before = forwarders[index].cpu_seconds()
+                    tally, _ = asyncio.run(load.closed_loop(forwarders[index].url, 64, seconds))
+                    used = forwarders[index].cpu_seconds() - cpu_before
+                    cpu[index].append(used / max(len(tally.latencies), 1) * 1e6)
+                    tallies[index].absorb(tally)
+            finally:
+                for forwarder in forwarders.values():
+                    forwarder.stop()
+    finally:
+        backend.stop()
+    name = (f"5. shared table: {SHARED_TABLE_BACKENDS} backends, concurrency 64 "
+            f"({rounds} rounds, a {seconds} s block each)")
+    names = [variant for variant, _, _ in SHARED_TABLE_VARIANTS]
+    for index, (variant, _, references) in enumerate(SHARED_TABLE_VARIANTS):
+        note = f"rounds {min(cpu[index]):,.0f}–{max(cpu[index]):,.0f} µs"
+        if not index:
+            note += "; ± below: the standard error of the rounds' differences"
+        for reference in references:
+            differences = [a - b for a, b in zip(cpu[index], cpu[names.index(reference)])]
+            note += (f"; {statistics.mean(differences):+,.0f} ± "
+                     f"{statistics.stdev(differences) / math.sqrt(rounds):,.0f} µs over "
+                     f"{reference}")
+        table.add(name, f"worker CPU per request, {variant}", statistics.mean(cpu[index]), None,
+                  " µs", ratio=False, note=note)
+    table.add(name, "errors", sum(t.errors for t in tallies), None, ratio=False)
 
 
 # gevent's monitor thread reports a greenlet that has run this long without yielding to the hub.
@@ -518,6 +617,7 @@ SCENARIOS = {
     "streams": scenario_streams,
     "many": scenario_many_streams,
     "polling": scenario_polling,
+    "table": scenario_shared_table,
 }
 
 

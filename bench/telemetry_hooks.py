@@ -35,7 +35,7 @@ from gunicorn.config import Config  # noqa: E402
 from forwarder import environ_keys  # noqa: E402
 from forwarder import telemetry  # noqa: E402
 from forwarder.app import Edge  # noqa: E402
-from forwarder.registry import Backend  # noqa: E402
+from forwarder.registry import Registry  # noqa: E402
 
 BACKEND = "http://10.0.0.11:8101"
 # The headers the openai SDK sends with a chat completion.
@@ -94,12 +94,12 @@ def per_request_us(run_once, requests):
     return (time.process_time() - started) / requests * 1e6
 
 
-def metrics_hooks(backend):
+def metrics_hooks(backend, registry):
     environ = gunicorn_environ()
     environ[environ_keys.REQUEST_ID] = "client-trace-123"
 
     def once():
-        exchange = telemetry.Exchange(environ, "chat/completions")
+        exchange = telemetry.Exchange(environ, "chat/completions", registry)
         exchange.sending_to(backend)
         backend.acquire()
         exchange.first_byte()
@@ -171,9 +171,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20000)
     args = parser.parse_args()
-    backend = Backend(BACKEND)
+    registry = Registry()
+    registry.publish_list([BACKEND], {}, "bench")
+    (backend,) = registry.backends()
     rows = [
-        ("metrics (Exchange + in-flight gauge)", metrics_hooks(backend)),
+        ("metrics (Exchange + in-flight gauge)", metrics_hooks(backend, registry)),
         ("request id (middleware)", request_id_hooks()),
         ("access log (AccessLogger)", access_log_line()),
         ("  for comparison: gunicorn's access_log_format", access_log_line(GENERIC_FORMAT)),

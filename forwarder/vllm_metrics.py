@@ -24,9 +24,9 @@ FIGURES = (
 )
 _GAUGES = tuple(gauge for _, gauges, _ in FIGURES for gauge in gauges)
 
-# Where a wanted gauge's name occurs. A pattern that starts with a literal-rich alternation lets
-# `re` skip through the body quickly instead of trying a match at every line.
-_GAUGE_NAME = re.compile(r"num_requests_(?:running|waiting)|(?:kv|gpu)_cache_usage_perc")
+# Every wanted gauge's name holds one of these. `str.find` skips through the body in C; a regular
+# expression would try a match at each of its ~88,000 positions (1.2 ms against 0.2 ms here).
+_NEEDLES = ("num_requests_", "_cache_usage_perc")
 # A whole line of a wanted family: its HELP/TYPE comment or one of its samples. `vllm:` is vLLM's
 # prefix; the bare name is accepted too, for servers that mimic vLLM without it.
 _FAMILY_LINE = re.compile(r"(?:# (?:HELP|TYPE) )?((?:vllm:)?(?:%s))[\s{]" % "|".join(_GAUGES))
@@ -46,18 +46,21 @@ def _combine(lines: "list[str]", combine) -> "float | None":
 def read_load(body: str) -> "dict[str, float | None]":
     """`{"num_requests_running": x, "num_requests_waiting": y, "kv_cache_usage": z}`."""
     lines = {}
-    line_end = 0
-    for hit in _GAUGE_NAME.finditer(body):
-        if hit.start() < line_end:
-            continue  # a second mention on a line already looked at
-        line_start = body.rfind("\n", 0, hit.start()) + 1
-        line_end = body.find("\n", hit.end())
-        if line_end < 0:
-            line_end = len(body)
-        line = body[line_start:line_end]
-        family = _FAMILY_LINE.match(line)
-        if family:
-            lines.setdefault(family.group(1), []).append(line)
+    seen = set()  # a line may hold both needles (a label naming the other gauge)
+    for needle in _NEEDLES:
+        at = body.find(needle)
+        while at >= 0:
+            line_start = body.rfind("\n", 0, at) + 1
+            line_end = body.find("\n", at)
+            if line_end < 0:
+                line_end = len(body)
+            if line_start not in seen:
+                seen.add(line_start)
+                line = body[line_start:line_end]
+                family = _FAMILY_LINE.match(line)
+                if family:
+                    lines.setdefault(family.group(1), []).append(line)
+            at = body.find(needle, line_end)
     figures = {}
     for name, gauges, combine in FIGURES:
         figures[name] = None
