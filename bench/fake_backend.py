@@ -8,7 +8,8 @@ Once serving it prints one JSON line to stdout: `{"ports": [...]}`.
 
     GET  /metrics                 the real 88 KB two-engine vLLM body (tests/fixtures)
     POST /v1/...                  a chat completion; with `"stream": true` in the body an SSE
-                                  stream of T content events, S seconds apart (headers at once)
+                                  stream of T content events, S seconds apart (headers at once),
+                                  and a usage event when the body asks for it
     GET  /_bench/stats            connections accepted, /v1 requests and /metrics polls, summed
                                   over every process and port since start
 
@@ -42,6 +43,9 @@ ROLE_EVENT = ("data: " + _HEAD + '"delta":{"role":"assistant","content":""},"log
               '"finish_reason":null}]}\n\n').encode()
 TOKEN_EVENT = ("data: " + _HEAD + '"delta":{"content":" tok"},"logprobs":null,'
                '"finish_reason":null,"token_ids":null}]}\n\n').encode()
+USAGE_EVENT = (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk",'
+               b'"created":1764244800,"model":"meta-llama/Llama-3.1-8B-Instruct","choices":[],'
+               b'"usage":{"prompt_tokens":12,"total_tokens":62,"completion_tokens":50}}\n\n')
 DONE_EVENT = b"data: [DONE]\n\n"
 SSE_TYPE = "text/event-stream"
 
@@ -101,6 +105,8 @@ def make_handler(counters: Counters, tokens: int, token_delay: float):
             if delay:
                 await asyncio.sleep(delay)
             await response.write(TOKEN_EVENT)
+        if b'"include_usage":true' in body.replace(b" ", b""):
+            await response.write(USAGE_EVENT)
         await response.write(DONE_EVENT)
         await response.write_eof()
         return response

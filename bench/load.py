@@ -89,6 +89,24 @@ async def closed_loop(base: str, concurrency: int, seconds: float) -> "tuple[Tal
         return tally, time.perf_counter() - started
 
 
+async def closed_loop_streams(base: str, concurrency: int, seconds: float,
+                              tokens: int) -> "tuple[StreamTally, float]":
+    """`concurrency` clients each starting the next stream of `tokens` events (no delay) as soon
+    as the last has ended, for `seconds`; the tally and the measured wall time."""
+    tally = StreamTally()
+    async with session(concurrency) as client:
+        url = base + CHAT_PATH
+        deadline = time.perf_counter() + seconds
+
+        async def client_loop():
+            while time.perf_counter() < deadline:
+                await stream(client, url, tally, tokens, 0)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        return tally, time.perf_counter() - started
+
+
 class StreamTally:
     """What clients of SSE streams saw."""
 

@@ -524,56 +524,103 @@ SHARED_TABLE_VARIANTS = (
 SHARED_TABLE_BACKENDS = 4
 
 
-def scenario_shared_table(table, workdir, quick, pins):
-    """5. What reading the host table's in-flight sums costs a request: one worker's CPU per
-    non-streaming request at concurrency 64 over 4 backends (four ports of one fake backend), for
-    each routing variant of SHARED_TABLE_VARIANTS, in rounds of one block each, so that all of
-    them meet the same machine. Every round starts its forwarders afresh (a process's own layout,
-    hash seed and addresses, moves its CPU per request by a few percent for its whole life, more
-    than the difference measured here), and each variant takes each place in the order of
-    starting and of measuring equally often."""
-    variants = len(SHARED_TABLE_VARIANTS)
-    rounds = variants * (1 if quick else 3)
-    seconds = 1.5 if quick else 4
-    backend = Backend(workdir, ports=SHARED_TABLE_BACKENDS, cpus=pins.backend)
-    cpu = [[] for _ in SHARED_TABLE_VARIANTS]  # per variant, µs per request of each round
-    tallies = [load.Tally() for _ in SHARED_TABLE_VARIANTS]
+def _rounds(workdir, pins, variants, rounds, seconds, ports=1):
+    """µs of one worker's CPU per request of each variant, a list of the rounds' figures each,
+    and the errors: `variants` are (name, environment, references, run) where `run(url,
+    seconds)` loads one forwarder and answers (requests served, errors). Rounds of one block
+    each, so that every variant meets the same machine; every round starts its forwarders afresh
+    (a process's own layout, hash seed and addresses move its CPU per request by a few percent
+    for its whole life, more than the differences measured here), and each variant takes each
+    place in the order of starting and of measuring equally often."""
+    count = len(variants)
+    backend = Backend(workdir, ports=ports, cpus=pins.backend)
+    cpu = [[] for _ in variants]
+    errors = 0
     try:
         for turn in range(rounds):
-            order = [(turn + i) % variants for i in range(variants)]
+            order = [(turn + i) % count for i in range(count)]
             forwarders = {}
             try:
                 for index in order:
                     forwarders[index] = Forwarder(workdir, backend.ports, cpus=pins.forwarder,
-                                                  env=SHARED_TABLE_VARIANTS[index][1])
+                                                  env=variants[index][1])
                 for index in order:  # connections to every backend open, caches warm
-                    asyncio.run(load.closed_loop(forwarders[index].url, 64, 0.5))
+                    variants[index][3](forwarders[index].url, 0.5)
                 for index in order:
                     cpu_before = forwarders[index].cpu_seconds()
-                    tally, _ = asyncio.run(load.closed_loop(forwarders[index].url, 64, seconds))
+                    served, failed = variants[index][3](forwarders[index].url, seconds)
                     used = forwarders[index].cpu_seconds() - cpu_before
-                    cpu[index].append(used / max(len(tally.latencies), 1) * 1e6)
-                    tallies[index].absorb(tally)
+                    cpu[index].append(used / max(served, 1) * 1e6)
+                    errors += failed
             finally:
                 for forwarder in forwarders.values():
                     forwarder.stop()
     finally:
         backend.stop()
-    name = (f"5. shared table: {SHARED_TABLE_BACKENDS} backends, concurrency 64 "
-            f"({rounds} rounds, a {seconds} s block each)")
-    names = [variant for variant, _, _ in SHARED_TABLE_VARIANTS]
-    for index, (variant, _, references) in enumerate(SHARED_TABLE_VARIANTS):
+    return cpu, errors
+
+
+def _report_rounds(table, name, variants, cpu, errors):
+    """Each variant's mean CPU per request, its rounds' spread, and its mean difference ± the
+    standard error of the rounds' differences against each of its references."""
+    names = [variant[0] for variant in variants]
+    rounds = len(cpu[0])
+    for index, (variant, _, references, _) in enumerate(variants):
         note = f"rounds {min(cpu[index]):,.0f}–{max(cpu[index]):,.0f} µs"
-        if not index:
-            note += "; ± below: the standard error of the rounds' differences"
         for reference in references:
             differences = [a - b for a, b in zip(cpu[index], cpu[names.index(reference)])]
-            note += (f"; {statistics.mean(differences):+,.0f} ± "
-                     f"{statistics.stdev(differences) / math.sqrt(rounds):,.0f} µs over "
-                     f"{reference}")
+            mean = statistics.mean(differences)
+            base = statistics.mean(cpu[names.index(reference)])
+            note += (f"; {mean:+,.0f} ± {statistics.stdev(differences) / math.sqrt(rounds):,.0f}"
+                     f" µs ({mean / base:+.1%}) over {reference}")
         table.add(name, f"worker CPU per request, {variant}", statistics.mean(cpu[index]), None,
                   " µs", ratio=False, note=note)
-    table.add(name, "errors", sum(t.errors for t in tallies), None, ratio=False)
+    table.add(name, "errors", errors, None, ratio=False)
+
+
+def _non_streaming(url, seconds):
+    tally, _ = asyncio.run(load.closed_loop(url, 64, seconds))
+    return len(tally.latencies), tally.errors
+
+
+def _streaming(url, seconds):
+    tally, _ = asyncio.run(load.closed_loop_streams(url, 64, seconds, METERING_TOKENS))
+    return tally.complete, tally.incomplete
+
+
+def scenario_shared_table(table, workdir, quick, pins):
+    """5. What reading the host table's in-flight sums costs a request: one worker's CPU per
+    non-streaming request at concurrency 64 over 4 backends (four ports of one fake backend), for
+    each routing variant of SHARED_TABLE_VARIANTS."""
+    variants = [(*variant, _non_streaming) for variant in SHARED_TABLE_VARIANTS]
+    rounds = len(variants) * (1 if quick else 3)
+    seconds = 1.5 if quick else 4
+    cpu, errors = _rounds(workdir, pins, variants, rounds, seconds, ports=SHARED_TABLE_BACKENDS)
+    _report_rounds(table, f"5. shared table: {SHARED_TABLE_BACKENDS} backends, concurrency 64 "
+                          f"({rounds} rounds, a {seconds} s block each)", variants, cpu, errors)
+
+
+# Scenario 6's forwarders: token metering on and off, for non-streaming chat completions (their
+# usage read from the answer's end) and for streams (usage asked for and its event taken out).
+METERING_TOKENS = 16
+METERING_VARIANTS = (
+    ("non-streaming, metering off", {"METER_TOKENS": "0"}, (), _non_streaming),
+    ("non-streaming, metering on", {}, ("non-streaming, metering off",), _non_streaming),
+    ("streaming, metering off", {"METER_TOKENS": "0"}, (), _streaming),
+    ("streaming, metering on", {}, ("streaming, metering off",), _streaming),
+)
+
+
+def scenario_metering(table, workdir, quick, pins):
+    """6. What token metering costs a request: one worker's CPU per non-streaming chat
+    completion, and per stream of METERING_TOKENS events, at concurrency 64, with METER_TOKENS
+    on and off in the same run."""
+    rounds = 4 if quick else 12
+    seconds = 1.5 if quick else 4
+    cpu, errors = _rounds(workdir, pins, METERING_VARIANTS, rounds, seconds)
+    _report_rounds(table, f"6. token metering, concurrency 64, streams of {METERING_TOKENS} "
+                          f"events ({rounds} rounds, a {seconds} s block each)",
+                   METERING_VARIANTS, cpu, errors)
 
 
 # gevent's monitor thread reports a greenlet that has run this long without yielding to the hub.
@@ -618,6 +665,7 @@ SCENARIOS = {
     "many": scenario_many_streams,
     "polling": scenario_polling,
     "table": scenario_shared_table,
+    "metering": scenario_metering,
 }
 
 

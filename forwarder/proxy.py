@@ -21,6 +21,7 @@ from .admission import Admission, Rejected
 from .dispatch import Dispatcher, DispatchFailed, Outgoing, Placement
 from .environ_keys import CLOSE_CONNECTION, KEY, REQUEST_ID
 from .errors import error_response
+from .json_bodies import json_object
 from .registry import Registry, weight_of
 from .request_id import HEADER as REQUEST_ID_HEADER
 from .routing import SESSION_HEADER, Router, session_key
@@ -138,7 +139,7 @@ class Proxy:
 
         def priority_of():
             parsed = document if document is not None or streamed or not body \
-                else request_body.json_object(body)
+                else json_object(body)
             priority = parsed.get("priority") if parsed else None
             return priority if type(priority) is int else 0
 
@@ -167,7 +168,7 @@ class Proxy:
         tap = None
         if self.meter and post:
             if sse and exchange.endpoint in usage.METERED_STREAMS:
-                tap = usage.StreamTap(hide=asked)
+                tap = usage.StreamTap(hide=asked, read_model=model is None)
             elif content_type.startswith("application/json"):
                 tap = usage.JsonTap()
         exchange.usage, exchange.stream = tap, sse

@@ -14,13 +14,13 @@ says when something needs that, and refusing it without losing the answer.
   for a moment instead of resetting the connection over the answer (`linger`).
 """
 
-import json
 import socket
 import time
 
 from . import usage
 from .environ_keys import CLOSE_CONNECTION
 from .errors import error_response
+from .json_bodies import encoded, json_object
 
 # Chunked request bodies are read in pieces of this size, so the limit is noticed in time.
 READ_SIZE = 65536
@@ -93,10 +93,12 @@ def take(environ, length: "int | None", limit: int, parse: bool, forced_model: "
     body = read_limited(environ["wsgi.input"], limit, length)
     ask_usage = ask_usage and b'"stream"' in body
     document = json_object(body) if body and (parse or ask_usage) else None
-    asked = ask_usage and document is not None and usage.ask_for_usage(document)
-    if document is not None and (forced_model is not None or asked):
+    asked = usage.ask_for_usage(document, body) if ask_usage and document is not None else None
+    if document is not None and forced_model is not None:
         body = encoded(document, forced_model)
-    return body or None, document, asked
+    elif asked is not None:
+        body = asked
+    return body or None, document, asked is not None
 
 
 def read_limited(stream, limit: int, length: "int | None") -> bytes:
@@ -121,29 +123,6 @@ def read_limited(stream, limit: int, length: "int | None") -> bytes:
         if size > limit:
             raise BodyTooLarge(limit)
         pieces.append(piece)
-
-
-def json_object(body: bytes) -> "dict | None":
-    """The body parsed, when it is a JSON object; None otherwise (the backend will say what is
-    wrong with it)."""
-    if not body.lstrip()[:1] == b"{":
-        return None
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
-        return None  # not JSON after all, or nested too deep: the backend will say what is wrong
-    return document if isinstance(document, dict) else None
-
-
-def encoded(document: dict, model: "str | None" = None) -> bytes:
-    """`document`, with its `model` field set when `model` is given, encoded."""
-    if model is not None:
-        document["model"] = model
-    try:
-        return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
-    except UnicodeEncodeError:
-        # A lone surrogate (`"\\ud800"`) has no UTF-8 form: keep it escaped, as it came.
-        return json.dumps(document, separators=(",", ":")).encode()
 
 
 def refuse_body(response, environ, linger_bytes: int):

@@ -21,6 +21,8 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import environ_keys
+from .host_table import (B_ERRORS, B_REQUESTS, B_TOKENS, K_ERRORS, K_IN_FLIGHT, K_REQUESTS,
+                         K_TOKENS, K_TOKENS_NOW)
 
 # The `/v1/` paths of vLLM and the OpenAI API; a longer path whose start is one of these (an id
 # after it: `models/llama-3`, `responses/resp_1/cancel`) counts as that endpoint, anything else
@@ -257,9 +259,6 @@ class Exchange:
 
     def _account(self, status: int) -> None:
         """The request's tokens and outcome, per backend, key and model."""
-        from .host_table import B_ERRORS, B_REQUESTS, B_TOKENS, K_ERRORS, K_IN_FLIGHT, \
-            K_REQUESTS, K_TOKENS, K_TOKENS_NOW
-
         environ, table, usage = self._environ, self._registry.table, self.usage
         model = self.model or (usage.model if usage is not None else None)
         tokens = 0

@@ -15,6 +15,8 @@ token limits.
 import json
 import re
 
+from .json_bodies import encoded
+
 # The endpoints whose streams carry usage in an event of their own.
 METERED_STREAMS = frozenset(("chat/completions", "completions"))
 # How much of a JSON answer's start and end is kept to find its model and usage.
@@ -23,42 +25,53 @@ TAIL_BYTES = 8192
 
 _USAGE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
 _MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _USAGE_START = b'"usage":{'
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
-# One whole event with the blank line that ends it.
-_EVENTS = re.compile(rb".*?(?:\r\n\r\n|\n\n)", re.S)
 
 
-def ask_for_usage(document: dict) -> bool:
-    """Make a streamed chat or completions request ask for its usage; True if it had not."""
+_ASK = b'"stream_options":{"include_usage":true},'
+
+
+def ask_for_usage(document: dict, body: bytes) -> "bytes | None":
+    """Make a streamed chat or completions request (its `document`, parsed from `body`, a JSON
+    object) ask for its usage: the body to send instead, or None when it needs no change. A body
+    without `stream_options` keeps every byte it had, the option written in after its `{`;
+    only one whose options lack `include_usage` is written anew."""
     if document.get("stream") is not True:
-        return False
+        return None
     options = document.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage"):
-        return False
+        return None
     if options is not None and not isinstance(options, dict):
-        return False  # not vLLM's shape: the backend will say what is wrong
+        return None  # not vLLM's shape: the backend will say what is wrong
     document["stream_options"] = {**(options or {}), "include_usage": True}
-    return True
+    if options is not None:
+        return encoded(document)
+    start = body.index(b"{") + 1
+    return body[:start] + _ASK + body[start:]
 
 
 def _tokens(usage: bytes) -> "tuple[int, int] | None":
-    try:
-        found = json.loads(usage)
-    except ValueError:
+    """The prompt and completion tokens of a usage object's text (read with two small patterns:
+    json.loads costs several times as much, per answer)."""
+    prompt = _PROMPT_TOKENS.search(usage)
+    if prompt is None:
         return None
-    prompt, completion = found.get("prompt_tokens"), found.get("completion_tokens")
-    if not isinstance(prompt, int):
-        return None
-    return prompt, completion if isinstance(completion, int) else 0
+    completion = _COMPLETION_TOKENS.search(usage)
+    return int(prompt.group(1)), int(completion.group(1)) if completion else 0
 
 
 def _model(data: bytes) -> "str | None":
-    found = _MODEL.search(data)
+    found = _MODEL.search(data, 0, HEAD_BYTES)
     if not found:
         return None
+    text = found.group(1)
+    if b"\\" not in text:
+        return text.decode("utf-8", "replace")
     try:
-        return json.loads(b'"' + found.group(1) + b'"')
+        return json.loads(b'"' + text + b'"')
     except ValueError:
         return None
 
@@ -91,6 +104,9 @@ class JsonTap(Usage):
         self._tail = b""
 
     def feed(self, chunk: bytes) -> bytes:
+        if not self._head:
+            self._head = self._tail = chunk  # mostly the whole answer, in one piece
+            return chunk
         if len(self._head) < HEAD_BYTES:
             self._head += chunk[:HEAD_BYTES - len(self._head)]
         self._tail = (self._tail + chunk)[-TAIL_BYTES:] if len(chunk) < TAIL_BYTES \
@@ -99,9 +115,8 @@ class JsonTap(Usage):
 
     def finish(self) -> None:
         self.model = _model(self._head)
-        found = None
-        for found in _USAGE.finditer(self._tail):
-            pass
+        at = self._tail.rfind(b'"usage"')
+        found = _USAGE.match(self._tail, at) if at >= 0 else None
         if found is not None:
             self.read(found.group(1))
 
@@ -113,11 +128,12 @@ class StreamTap(Usage):
 
     __slots__ = ("hide", "_held", "_started")
 
-    def __init__(self, hide: bool):
+    def __init__(self, hide: bool, read_model: bool = True):
         super().__init__()
         self.hide = hide
         self._held = b""
-        self._started = False
+        # The model is read from the first event only when the request did not name it.
+        self._started = not read_model
 
     def feed(self, chunk: bytes) -> bytes:
         if not self._held and self._started and chunk.endswith(_EVENT_ENDS) \
@@ -127,16 +143,27 @@ class StreamTap(Usage):
         lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
         end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
         whole, self._held = data[:end], data[end:]
-        if whole and not self._started:
+        if not self._started and whole:
             self._started = True
             self.model = _model(whole[:HEAD_BYTES])
-        if _USAGE_START not in whole:
+        at = whole.find(_USAGE_START)
+        if at < 0:
             return whole
-        return b"".join(self._kept(event) for event in _EVENTS.findall(whole))
+        kept = []
+        done = 0
+        while at >= 0:
+            lf, crlf = whole.rfind(b"\n\n", done, at), whole.rfind(b"\r\n\r\n", done, at)
+            start = max(lf + 2 if lf >= 0 else done, crlf + 4 if crlf >= 0 else done)
+            ends = [end + size for end, size in ((whole.find(b"\n\n", at), 2),
+                                                 (whole.find(b"\r\n\r\n", at), 4)) if end >= 0]
+            end = min(ends)
+            kept += (whole[done:start], self._kept(whole[start:end]))
+            done = end
+            at = whole.find(_USAGE_START, done)
+        kept.append(whole[done:])
+        return b"".join(kept)
 
     def _kept(self, event: bytes) -> bytes:
-        if _USAGE_START not in event:
-            return event
         found = _USAGE.search(event)
         if found is not None:
             self.read(found.group(1))

@@ -26,12 +26,15 @@ def test_in_flight_counts_every_workers_requests_whichever_worker_answers(fake_b
                                      timeout=10)
             response.raw.read(16)  # the stream has begun (and stays open)
             streams.append(response)
-        pids = {line["pid"] for line in fwd.access_lines()} or set()
-        answers = [get_json(fwd, "/_backends") for _ in range(10)]
+        answers = []
+
+        def both_workers_answered():
+            answers.append(get_json(fwd, "/_backends"))
+            pids = {line["pid"] for line in fwd.access_lines() if line["path"] == "/_backends"}
+            return len(pids) == 2
+
+        wait_until(both_workers_answered, message="one worker answered every /_backends")
         assert {a["backends"][0]["in_flight"] for a in answers} == {6}
-        status_pids = {line["pid"] for line in fwd.access_lines()
-                       if line["path"] == "/_backends"}
-        assert len(status_pids | pids) == 2, "one worker answered everything"
     finally:
         for response in streams:
             response.close()

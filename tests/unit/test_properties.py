@@ -12,7 +12,7 @@ from hypothesis import example, given, settings as hypothesis_settings, strategi
 
 from forwarder import backend_list, settings
 from forwarder.proxy import upstream_target
-from forwarder.request_body import encoded, json_object
+from forwarder.json_bodies import encoded, json_object
 
 # Text that looks like what an operator or an attacker would type, plus anything at all.
 ENTRY_PIECES = st.sampled_from([

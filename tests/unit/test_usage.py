@@ -1,6 +1,7 @@
 """Unit tests for reading token usage (`forwarder/usage.py`) and the API keys file
 (`forwarder/auth.py`), on vLLM's wire format."""
 
+import json
 import logging
 from pathlib import Path
 
@@ -73,9 +74,15 @@ def test_an_answer_without_usage_reads_as_unknown():
     ({"stream": True, "stream_options": "odd"}, False),
 ])
 def test_only_a_stream_that_did_not_ask_is_made_to_ask(document, asked):
-    assert ask_for_usage(document) is asked
+    body = json.dumps(document, indent=1).encode()
+    sent = ask_for_usage(json.loads(body), body)
+    assert (sent is not None) is asked
     if asked:
-        assert document["stream_options"]["include_usage"] is True
+        assert json.loads(sent)["stream_options"]["include_usage"] is True
+        assert {k: v for k, v in json.loads(sent).items() if k != "stream_options"} == \
+            {k: v for k, v in document.items() if k != "stream_options"}
+    if asked and "stream_options" not in document:
+        assert sent.replace(b'"stream_options":{"include_usage":true},', b"") == body
 
 
 def test_a_keys_file_skips_bad_lines_and_never_logs_a_key(caplog):
