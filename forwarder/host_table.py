@@ -90,7 +90,11 @@ _BACKEND_CELLS_AT = _SLOTS_AT + MAX_SLOTS * _SLOT_WORDS
 _KEY_CELLS_AT = _BACKEND_CELLS_AT + _BACKEND_PLANES * MAX_BACKENDS * MAX_SLOTS
 _COLUMNS_AT = _KEY_CELLS_AT + _KEY_PLANES * MAX_KEYS * MAX_SLOTS
 _KEYS_AT = _COLUMNS_AT + MAX_BACKENDS * _COLUMN_WORDS
-_SIZE_WORDS = _KEYS_AT + MAX_KEYS * _KEY_WORDS
+# Affinity's moved sessions: where a session that had to leave its home went, one word a place,
+# a session's place chosen by its hash (a newer session in the same place takes it over).
+MOVED_SESSIONS = 65536
+_MOVED_AT = _KEYS_AT + MAX_KEYS * _KEY_WORDS
+_SIZE_WORDS = _MOVED_AT + MOVED_SESSIONS
 
 
 def _backend_cell(plane: int, column: int) -> int:
@@ -497,6 +501,27 @@ class HostTable:
 
     def models_seq(self, column: int) -> int:
         return self.words[_column_base(column) + C_MODELS_SEQ]
+
+    # --- affinity's moved sessions --------------------------------------------------------------
+
+    # A place holds the upper 47 bits of the session's 64-bit hash and its column + 1, in one
+    # word, written and read whole: no worker ever sees half of another's write.
+
+    def moved_to(self, session_hash: int) -> "int | None":
+        """The column a session moved to, or None."""
+        word = self.words[_MOVED_AT + session_hash % MOVED_SESSIONS]
+        if word and word >> 16 == session_hash >> 17:
+            return (word & 0xFFFF) - 1
+        return None
+
+    def move(self, session_hash: int, column: "int | None") -> None:
+        """Remember where a session moved (None: it is back home)."""
+        place = _MOVED_AT + session_hash % MOVED_SESSIONS
+        tag = session_hash >> 17
+        if column is not None:
+            self.words[place] = (tag << 16) | (column + 1)
+        elif self.words[place] >> 16 == tag:
+            self.words[place] = 0
 
     # --- asking for polls ----------------------------------------------------------------------
 

@@ -224,6 +224,10 @@ class Registry:
     def backends(self) -> "list[Backend]":
         return list(self.listed)
 
+    def at_column(self, column: "int | None") -> "Backend | None":
+        """The listed backend of a host-table column, or None."""
+        return self._by_column.get(column)
+
     # --- reading the table ---------------------------------------------------------------------
 
     def sync(self) -> None:

@@ -18,9 +18,9 @@
   measured worse here, and so did avoiding a nearly full cache outright, on a figure up to a poll
   old: `bench/fleet_sim.py`.)
 - `affinity`: consistent hashing with bounded loads. A session key maps to its home on the ring;
-  a backend is skipped when taking the request would lift its load (the same load) over 1.25 ×
-  the average (`load + w > 1.25 × (total load + w) / candidates`, `w` the request's weight), so a
-  session moves when its backend is down or overloaded. A session that moved is remembered and
+  a backend is skipped when taking the request would lift its load (the same load, the requests
+  in flight weighed by size) over 1.25 × the average (`load + 1 > 1.25 × (total load + 1) /
+  candidates`), so a session moves when its backend is down or overloaded. A session that moved is remembered and
   stays where it moved (its prefix cache is there now) until that backend is down or over the
   bound too.
 
@@ -31,7 +31,6 @@ import bisect
 import hashlib
 import json
 import random
-from collections import OrderedDict
 
 from .registry import WEIGHT_UNITS
 
@@ -47,8 +46,6 @@ KV_FULL_PENALTY = 16.0
 # Points per backend on the ring: enough that each backend's share of keys is within a few
 # percent of even, few enough that a list of thousands of backends sorts in milliseconds.
 RING_POINTS_PER_BACKEND = 64
-# Sessions remembered away from their ring home; the least recently used are forgotten first.
-MAX_MOVED_SESSIONS = 65536
 # The start of a text prompt that keys a session. Each turn of a conversation sent as one growing
 # prompt keeps the same key once its first turn is this long; shorter prompts are cheap to
 # prefill again, so losing their cache costs little.
@@ -128,13 +125,13 @@ def session_key(header: "str | None", document: "dict | None") -> "str | None":
 
 
 class Router:
-    """One worker's routing policy and, for `affinity`, its ring and the sessions it moved."""
+    """One worker's routing policy and, for `affinity`, its ring (the sessions that moved are in
+    the host table, shared by every worker)."""
 
     def __init__(self, policy: str, registry):
         self.registry = registry
         self.needs_session_key = policy == "affinity"
         self._policy = self.policies()[policy]
-        self._moved = OrderedDict()
         self._ring = HashRing(())
         self._ring_of = ()
 
@@ -172,32 +169,29 @@ class Router:
             return self._least_loaded(members, None, weight)
         loads = {backend: load(backend) for backend in members}
         # The bound: with this request, no more than LOAD_BOUND × the average (but room for one
-        # request even on an idle fleet).
-        bound = max(weight, LOAD_BOUND * (sum(loads.values()) + weight) / len(loads))
-        moved = self._moved.get(key)
-        if moved in loads and loads[moved] + weight <= bound:
-            self._moved.move_to_end(key)
+        # request even on an idle fleet). The request itself counts as one: counted at its size,
+        # a long conversation's next turn would fit only on an idle backend, and leave its
+        # prefix cache behind (measured: bench/fleet_sim.py).
+        bound = max(1.0, LOAD_BOUND * (sum(loads.values()) + 1) / len(loads))
+        key_hash = stable_hash(key.encode())
+        table = self.registry.table
+        moved = self.registry.at_column(table.moved_to(key_hash))
+        if moved in loads and loads[moved] + 1 <= bound:
             return moved
         # The home is the key's first backend on the ring, a candidate or not: a session that
         # had to leave it (down, tried, overloaded) is remembered where it went. When every
         # candidate is at the bound (a small, evenly loaded fleet), the least loaded one nearest
         # the home takes it.
         home = chosen = lightest = None
-        for backend in self.ring().walk(stable_hash(key.encode())):
+        for backend in self.ring().walk(key_hash):
             home = home or backend
             if backend not in loads:
                 continue
-            if loads[backend] + weight <= bound:
+            if loads[backend] + 1 <= bound:
                 chosen = backend
                 break
             if lightest is None or loads[backend] < loads[lightest]:
                 lightest = backend
         chosen = chosen or lightest
-        if chosen is home:
-            self._moved.pop(key, None)
-        else:
-            self._moved[key] = chosen
-            self._moved.move_to_end(key)
-            if len(self._moved) > MAX_MOVED_SESSIONS:
-                self._moved.popitem(last=False)
+        table.move(key_hash, None if chosen is home else chosen.column)
         return chosen

@@ -102,3 +102,18 @@ def test_a_nearly_full_kv_cache_counts_up_to_16_requests_more():
     assert {router.pick((full, roomy), None) for _ in range(20)} == {roomy}
     poll(registry, roomy, num_requests_running=8, num_requests_waiting=3, kv_cache_usage=0.2)
     assert {router.pick((full, roomy), None) for _ in range(20)} == {full}  # far busier
+
+
+def test_a_moved_session_is_remembered_by_every_worker():
+    # Two routers over one host table stand for two workers: the one that moved a session away
+    # from its overloaded home tells the other where it went.
+    registry = fleet(3)
+    first, second = Router("affinity", registry), Router("affinity", registry)
+    group = registry.view.serving(None).members
+    home = next(first.ring().walk(stable_hash(b"s-1")))
+    poll(registry, home, num_requests_running=50, num_requests_waiting=0)
+    moved = first.pick(group, "s-1")
+    assert moved is not home
+    poll(registry, home, num_requests_running=0, num_requests_waiting=0)
+    # Home is idle again, but the session's cache is where it moved: it stays there.
+    assert {second.pick(group, "s-1") for _ in range(5)} == {moved}
