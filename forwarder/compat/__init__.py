@@ -15,6 +15,11 @@ message saying which assumption an upgrade broke ("gevent no longer ...").
   own error answer to a request it could not parse.
 - `close_connection`: `start_response` is a bound method of gunicorn's `Response`, whose
   `force_close()` makes it write `Connection: close` and end the connection after the answer.
+- `write_now`: the same `Response`'s `write`, called outside the body's iteration (an SSE
+  keep-alive comment while the backend is silent).
+- `GeventWorker.accepting`: gunicorn's gevent worker makes its servers from the module-level name
+  `StreamServer` of `gunicorn.workers.ggevent`, which the worker process points at a subclass
+  that remembers them, so that it can stop and start their accepting.
 - `operator_access_log_format`: whether the operator set `access_log_format` (`cfg.settings`).
 
 `client` (requests and urllib3; imported only once gevent has patched the process):

@@ -14,7 +14,9 @@ import threading
 
 import gevent
 import gevent.socket
+import gevent.server
 import gunicorn.workers.base
+from gunicorn.workers import ggevent
 import requests
 import urllib3.connection
 import urllib3.response
@@ -24,7 +26,7 @@ from gunicorn.http.wsgi import Response
 
 from forwarder import upstream
 from forwarder.compat.client import BackendAdapter, StaleConnection, send_prepared
-from forwarder.compat.server import (GeventWorker, _ClientSocket, close_connection,
+from forwarder.compat.server import (GeventWorker, _ClientSocket, close_connection, write_now,
                                      operator_access_log_format, raw_socket)
 
 WAIT = 5  # bound on every wait; a passing test takes milliseconds
@@ -299,6 +301,42 @@ def test_close_connection_through_start_response_makes_gunicorn_answer_connectio
         "gunicorn's `Response.force_close()` no longer ends the connection after the answer; "
         "forwarder.compat.server.close_connection must change")
     close_connection(_hello)  # another WSGI server's start_response: nothing, and no error
+
+
+def test_write_now_writes_a_body_piece_through_gunicorns_response_outside_the_iteration():
+    sent = []
+
+    class Sink:
+        def sendall(self, data):
+            sent.append(bytes(data))
+
+    response = gunicorn_response()
+    response.sock = Sink()
+    response.headers = []  # a body of unknown length: chunked, as an SSE stream's
+    response.response_length = None
+    response.chunked = response.is_chunked()
+    left, right = socket.socketpair()
+    with left, right:
+        assert write_now(response.start_response, left, b": keep-alive\n\n"), (
+            "gunicorn's `start_response` is no longer a bound method of a `Response` with a "
+            "`write`; forwarder.compat.server.write_now must change")
+    data = b"".join(sent)
+    assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(b"\r\n: keep-alive\n\n\r\n"), (
+        "gunicorn's `Response.write` no longer sends the headers first and the piece as one "
+        f"chunk ({data!r}); forwarder.compat.server.write_now must change")
+    assert not write_now(_hello, None, b"x")  # another WSGI server: nothing
+
+
+def test_gunicorn_makes_its_gevent_servers_from_a_module_level_stream_server():
+    source = inspect.getsource(ggevent.GeventWorker.run)
+    assert "StreamServer(" in source and ggevent.StreamServer, (
+        "gunicorn's gevent worker no longer makes its servers from the module-level name "
+        "`StreamServer`; forwarder.compat.server.GeventWorker.accepting (which spreads "
+        "connections over the workers) must change")
+    for name in ("start_accepting", "stop_accepting", "closed"):
+        assert hasattr(gevent.server.StreamServer, name), (
+            f"gevent's StreamServer no longer has `{name}`; "
+            f"forwarder.compat.server.GeventWorker.accepting must change")
 
 
 def test_operator_access_log_format_tells_a_set_format_from_gunicorns_default():
