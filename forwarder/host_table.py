@@ -7,7 +7,7 @@ Nothing in it is guarded by a lock, because every cell has one writer at a time:
   in `child_exit`, which also clears what a dead worker left). A worker writes only its own row:
   its state, heartbeat, open connections, its queue's length and head, and, per backend column,
   the requests it has in flight there and their weight. Host-wide figures are sums over slots.
-- **The backend list**, written only by the list leader (the lowest live slot): which column is
+- **The backend list**, written only by the list leader (the lowest ready slot): which column is
   which base URL, in list order, under a sequence counter (`list_seq`: odd while writing).
 - **Backend columns**: the last poll (written by the backend's poll owner), the last time a
   request could not connect (any worker: last writer wins), ejection state, the model list

@@ -5,7 +5,7 @@ pollers of one instance share the work through the host table, so that each back
 once per cycle whatever the number of workers (every poll makes vLLM's API server render its
 `/metrics` on the event loop that also streams its tokens):
 
-- The **list leader**, the lowest live worker slot, reads the backend list (and the API keys
+- The **list leader**, the lowest ready worker slot, reads the backend list (and the API keys
   file) every CHECK_INTERVAL_SECONDS, resolves its `dns+` entries and publishes the result.
 - Each backend has one **poll owner**, the live worker whose rank among the live workers is the
   backend's column modulo their number. It polls `GET {base}/metrics`: healthy when it answers 200
@@ -93,7 +93,10 @@ class Poller:
         table.refresh_slots_in_use()
         table.set_own_float(S_HEARTBEAT, now)
         owners = self.owners()
-        leader = bool(owners) and owners[0] == table.slot
+        # The lowest ready worker leads (the lowest starting one, when none is ready yet): a
+        # worker restarted into a lower slot does not take over from a leader at work.
+        ready = [slot for slot in owners if table.slot_word(slot, S_STATE) == READY]
+        leader = bool(owners) and (ready or owners)[0] == table.slot
         if leader and not self.leading:
             self.discovery.remember(self.registry.listed)
         self.leading = leader

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from tests.harness import read_response, wait_until
+from tests.harness import get_json, read_response, wait_until
 
 CHAT = "/v1/chat/completions"
 
@@ -128,3 +128,38 @@ def test_no_request_is_lost_over_a_reload_under_load(fake_backend, forwarder):
         answered = sum(c.result(timeout=20) for c in clients)
     assert not errors, errors[:5]
     assert answered > 50
+
+
+def test_new_workers_share_the_view_of_the_old_ones_over_a_reload(fake_backend, forwarder):
+    # The host table outlives a reload: the new workers count the streams the old ones still
+    # relay while they drain, and hold the brake's limit with them.
+    backend = fake_backend(config={"tokens": 30, "token_delay": 0.2})
+    fwd = forwarder([backend.url], workers=2, wait_healthy=1,
+                    env={"MAX_IN_FLIGHT_PER_BACKEND": "2", "QUEUE_TARGET_SECONDS": "30"})
+    streams = []
+    for index in range(2):
+        response = requests.post(fwd.url + CHAT, stream=True, timeout=30, json={
+            "model": "llama", "stream": True, "messages": [{"role": "user", "content": f"{index}"}]})
+        chunks = response.iter_content(None)
+        next(chunks)
+        streams.append((response, chunks))
+    old_workers = fwd.worker_pids()
+    os.kill(fwd.pid, signal.SIGHUP)
+    wait_until(lambda: len(fwd.worker_pids() - old_workers) == 2, timeout=15)
+    answers = []
+
+    def new_workers_answered():
+        answers.append(get_json(fwd, "/_backends"))
+        pids = {line["pid"] for line in fwd.access_lines() if line["path"] == "/_backends"}
+        return len(pids & {str(p) for p in fwd.worker_pids() - old_workers}) == 2
+
+    wait_until(new_workers_answered, timeout=10)
+    assert all(a["backends"][0]["in_flight"] == 2 for a in answers[-2:])
+    with ThreadPoolExecutor(1) as pool:
+        queued = pool.submit(requests.post, fwd.url + CHAT, timeout=30,
+                             json={"model": "llama", "messages": [{"role": "user", "content": "q"}]})
+        wait_until(lambda: get_json(fwd, "/_backends")["queued"] == 1)  # the limit holds
+        for response, chunks in streams:
+            b"".join(chunks)
+            response.close()
+        assert queued.result(timeout=30).status_code == 200
