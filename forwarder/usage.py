@@ -23,7 +23,10 @@ METERED_STREAMS = frozenset(("chat/completions", "completions"))
 HEAD_BYTES = 1024
 TAIL_BYTES = 8192
 
+# A usage object, nested objects (`prompt_tokens_details`) and all.
 _USAGE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
+# The model's name: the plain form first (vLLM's), then one with escapes in it.
+_PLAIN_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
 _MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
@@ -53,25 +56,37 @@ def ask_for_usage(document: dict, body: bytes) -> "bytes | None":
     return body[:start] + _ASK + body[start:]
 
 
-def _tokens(usage: bytes) -> "tuple[int, int] | None":
-    """The prompt and completion tokens of a usage object's text (read with two small patterns:
-    json.loads costs several times as much, per answer)."""
-    prompt = _PROMPT_TOKENS.search(usage)
+def _tokens(data: bytes, at: int) -> "tuple[int, int] | None":
+    """The prompt and completion tokens of the usage object whose `"usage"` key starts at `at`
+    in `data`. vLLM writes both counts before any nested object, so they are looked for up to
+    the first `}` with two small patterns (json.loads costs several times as much, per answer);
+    a usage object in another order is matched whole."""
+    end = data.find(b"}", at)
+    prompt = _PROMPT_TOKENS.search(data, at, end) if end > 0 else None
     if prompt is None:
-        return None
-    completion = _COMPLETION_TOKENS.search(usage)
+        found = _USAGE.match(data, at)
+        if found is None:
+            return None
+        data, at, end = found.group(1), 0, len(found.group(1))
+        prompt = _PROMPT_TOKENS.search(data, at, end)
+        if prompt is None:
+            return None
+    completion = _COMPLETION_TOKENS.search(data, at, end)
     return int(prompt.group(1)), int(completion.group(1)) if completion else 0
 
 
 def _model(data: bytes) -> "str | None":
-    found = _MODEL.search(data, 0, HEAD_BYTES)
-    if not found:
+    at = data.find(b'"model"', 0, HEAD_BYTES)
+    if at < 0:
         return None
-    text = found.group(1)
-    if b"\\" not in text:
-        return text.decode("utf-8", "replace")
+    found = _PLAIN_MODEL.match(data, at, HEAD_BYTES)
+    if found is not None:
+        return found.group(1).decode("utf-8", "replace")
+    found = _MODEL.match(data, at, HEAD_BYTES)
+    if found is None:
+        return None
     try:
-        return json.loads(b'"' + text + b'"')
+        return json.loads(b'"' + found.group(1) + b'"')
     except ValueError:
         return None
 
@@ -87,8 +102,9 @@ class Usage:
         self.completion_tokens = None
         self.model = None
 
-    def read(self, usage: bytes) -> None:
-        tokens = _tokens(usage)
+    def read(self, data: bytes, at: int) -> None:
+        """The usage object whose `"usage"` key starts at `at` in `data`."""
+        tokens = _tokens(data, at)
         if tokens is not None:
             self.prompt_tokens, self.completion_tokens = tokens
 
@@ -116,9 +132,8 @@ class JsonTap(Usage):
     def finish(self) -> None:
         self.model = _model(self._head)
         at = self._tail.rfind(b'"usage"')
-        found = _USAGE.match(self._tail, at) if at >= 0 else None
-        if found is not None:
-            self.read(found.group(1))
+        if at >= 0:
+            self.read(self._tail, at)
 
 
 class StreamTap(Usage):
@@ -126,7 +141,7 @@ class StreamTap(Usage):
     for it (`hide`). A piece that ends inside an event is held back until the event is whole
     (an SSE client cannot use half an event either); whole events pass as they came."""
 
-    __slots__ = ("hide", "_held", "_started")
+    __slots__ = ("hide", "_held", "_started", "_plain")
 
     def __init__(self, hide: bool, read_model: bool = True):
         super().__init__()
@@ -134,10 +149,11 @@ class StreamTap(Usage):
         self._held = b""
         # The model is read from the first event only when the request did not name it.
         self._started = not read_model
+        # Nothing held back and the model known: a chunk of whole events without usage passes.
+        self._plain = self._started
 
     def feed(self, chunk: bytes) -> bytes:
-        if not self._held and self._started and chunk.endswith(_EVENT_ENDS) \
-                and _USAGE_START not in chunk:
+        if self._plain and chunk.endswith(_EVENT_ENDS) and _USAGE_START not in chunk:
             return chunk
         data = self._held + chunk
         lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
@@ -146,6 +162,7 @@ class StreamTap(Usage):
         if not self._started and whole:
             self._started = True
             self.model = _model(whole[:HEAD_BYTES])
+        self._plain = self._started and not self._held
         at = whole.find(_USAGE_START)
         if at < 0:
             return whole
@@ -157,19 +174,18 @@ class StreamTap(Usage):
             ends = [end + size for end, size in ((whole.find(b"\n\n", at), 2),
                                                  (whole.find(b"\r\n\r\n", at), 4)) if end >= 0]
             end = min(ends)
-            kept += (whole[done:start], self._kept(whole[start:end]))
+            kept += (whole[done:start], self._kept(whole[start:end], at - start))
             done = end
             at = whole.find(_USAGE_START, done)
         kept.append(whole[done:])
         return b"".join(kept)
 
-    def _kept(self, event: bytes) -> bytes:
-        found = _USAGE.search(event)
-        if found is not None:
-            self.read(found.group(1))
+    def _kept(self, event: bytes, at: int) -> bytes:
+        self.read(event, at)
         return b"" if self.hide and b'"choices":[]' in event else event
 
     def finish(self) -> bytes:
         """What is still held back (an event cut short by the end of the stream)."""
         held, self._held = self._held, b""
+        self._plain = self._started
         return held

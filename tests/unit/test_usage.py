@@ -58,6 +58,31 @@ def test_a_json_answer_gives_its_usage_and_model_from_its_ends():
     assert tap.prompt_tokens > 0 and tap.completion_tokens > 0
 
 
+@pytest.mark.parametrize("answer, expected", [
+    # vLLM's own: compact, the counts before any nested object
+    (b'{"model":"m","usage":{"prompt_tokens":5,"total_tokens":8,"completion_tokens":3,'
+     b'"prompt_tokens_details":{"cached_tokens":4}}}', ("m", 5, 3)),
+    # another server's order: a nested object first
+    (b'{"model":"m","usage":{"prompt_tokens_details":{"cached_tokens":4},'
+     b'"completion_tokens":3,"prompt_tokens":5}}', ("m", 5, 3)),
+    # spaces, an escaped model name, embeddings' usage without completion tokens
+    (b'{"model" : "a\\"b\\u00e9", "usage" : { "prompt_tokens" : 5, "total_tokens" : 5 }}',
+     ('a"b\u00e9', 5, 0)),
+    (b'{"model":"m","usage":null}', ("m", None, None)),
+    (b'{"model":"m","usage":{"prompt_tokens_details":{}}}', ("m", None, None)),
+])
+def test_usage_and_model_are_read_in_any_order_and_spacing(answer, expected):
+    tap = JsonTap()
+    tap.feed(answer)
+    tap.finish()
+    assert (tap.model, tap.prompt_tokens, tap.completion_tokens) == expected
+    event = b"data: " + answer + b"\n\n"
+    stream = StreamTap(hide=False)
+    assert relay(stream, [event]) == event
+    if b'"usage":{' in answer:
+        assert (stream.model, stream.prompt_tokens, stream.completion_tokens) == expected
+
+
 def test_an_answer_without_usage_reads_as_unknown():
     tap = JsonTap()
     tap.feed(b'{"object":"list","data":[]}')
