@@ -153,8 +153,12 @@ class StreamTap(Usage):
         self._plain = self._started
 
     def feed(self, chunk: bytes) -> bytes:
-        if self._plain and chunk.endswith(_EVENT_ENDS) and _USAGE_START not in chunk:
-            return chunk
+        if self._plain and chunk.endswith(_EVENT_ENDS):
+            at = chunk.find(_USAGE_START)
+            if at < 0:
+                return chunk
+            if chunk.find(b"\n\n", 0, -2) < 0 and chunk.find(b"\r\n\r\n", 0, -4) < 0:
+                return self._kept(chunk, at)  # the usage event alone, as vLLM sends it
         data = self._held + chunk
         lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
         end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)

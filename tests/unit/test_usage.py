@@ -29,6 +29,16 @@ def test_the_usage_event_is_read_and_taken_out_however_the_stream_is_cut(size):
     assert tap.model == "meta-llama/Llama-3.1-8B-Instruct"
 
 
+@pytest.mark.parametrize("separator", [b"\n\n", b"\r\n\r\n"])
+def test_a_stream_sent_one_event_per_piece_as_vllm_does_loses_only_its_usage_event(separator):
+    stream = STREAM.replace(b"\n\n", separator)
+    events = [event + separator for event in stream.split(separator) if event]
+    usage_event = USAGE_EVENT.replace(b"\n\n", separator)
+    tap = StreamTap(hide=True)
+    assert relay(tap, events) == stream.replace(usage_event, b"")
+    assert (tap.prompt_tokens, tap.completion_tokens) == (12, 7)
+
+
 @pytest.mark.parametrize("size", [5, len(STREAM)])
 def test_a_client_that_asked_for_usage_gets_every_byte(size):
     pieces = [STREAM[i:i + size] for i in range(0, len(STREAM), size)]
