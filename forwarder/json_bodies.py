@@ -6,9 +6,8 @@ import json
 
 def json_object(body: bytes) -> "dict | None":
     """The body parsed, when it is a JSON object; None otherwise (the backend will say what is
-    wrong with it)."""
-    if not body.lstrip()[:1] == b"{":
-        return None
+    wrong with it). Read as vLLM's server reads it (`json.loads` of the bytes, UTF-16 and UTF-32
+    included), so that no body the backend takes for an object escapes the model rewrite."""
     try:
         document = json.loads(body)
     except (ValueError, RecursionError):

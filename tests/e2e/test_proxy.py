@@ -131,10 +131,18 @@ def test_forced_model_rewrites_json_object_posts(fake_backend, forwarder):
         http.post(fwd.url + "/v1/completions", json={"prompt": "no model field"})
         http.post(fwd.url + "/v1/embeddings", data=b"[1, 2]",
                   headers={"Content-Type": "application/json"})
-    chat, completion, array = backend.requests()
+        # JSON in UTF-16 or UTF-32 (with a byte order mark, or told by its zero bytes) is read by
+        # vLLM's server as well: it must not carry a model of its own past the rewrite.
+        for encoding in ("utf-16", "utf-32", "utf-16-le"):
+            http.post(fwd.url + "/v1/completions",
+                      data=' {"model": "gpt-4", "prompt": "x"}'.encode(encoding),
+                      headers={"Content-Type": "application/json"})
+    chat, completion, array, *other_encodings = backend.requests()
     assert chat["json"] == {"model": "llama", "messages": [{"role": "user", "content": "é"}]}
     assert completion["json"] == {"prompt": "no model field", "model": "llama"}
     assert base64_body(array) == b"[1, 2]"  # not an object: unchanged
+    assert [json.loads(base64_body(record)) for record in other_encodings] == \
+        [{"model": "llama", "prompt": "x"}] * 3
 
 
 def base64_body(record):
