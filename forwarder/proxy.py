@@ -109,7 +109,7 @@ class Proxy:
         wants_document = (post and request.mimetype != "multipart/form-data"
                           and (not view.uniform_models
                                or (self.router.needs_session_key and not session_header)))
-        metered_stream = self.meter and post and exchange.endpoint in usage.METERED_STREAMS
+        metered_stream = self.meter and post and exchange.endpoint in usage.ASKED_STREAMS
         client_socket = environ.get("gunicorn.socket")
         watch = ClientWatch(client_socket) if client_socket is not None else None
         try:
@@ -171,7 +171,8 @@ class Proxy:
                 tap = usage.StreamTap(hide=asked, read_model=model is None)
             elif content_type.startswith("application/json"):
                 tap = usage.JsonTap()
-        exchange.usage, exchange.stream = tap, sse
+        exchange.usage = tap
+        exchange.token_stream = sse and exchange.endpoint in usage.ASKED_STREAMS
         placement = Placement(self.dispatcher, backend, weight)
         exchange.on_first_byte = placement.prefilled
         relayed = RelayedResponse(relay.relay_body(response, exchange, sse, watch, tap,

@@ -90,14 +90,15 @@ COMPLETION_TOKENS = Counter(
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, float("inf"))
 TTFT = Histogram(
     "forwarder_time_to_first_token_seconds",
-    "Seconds from a streamed request's arrival to its first event (its first token), by model.",
+    "Seconds from a chat or completions stream's arrival to its first event (its first token), "
+    "by model.",
     ("model",), buckets=TTFT_BUCKETS, registry=_LOCAL)
 # Decoding speed: a few milliseconds per token on a fast GPU, more under a large batch.
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, float("inf"))
 TPOT = Histogram(
     "forwarder_time_per_output_token_seconds",
-    "Seconds per output token after the first, of a streamed answer that reported its usage, "
-    "by model.",
+    "Seconds per output token after the first, of a chat or completions stream that reported "
+    "its usage, by model.",
     ("model",), buckets=TPOT_BUCKETS, registry=_LOCAL)
 EJECTIONS = Counter(
     "forwarder_ejections_total",
@@ -169,7 +170,7 @@ class Exchange:
     counters see it, counted when it ends: its backend, key, model and token usage."""
 
     __slots__ = ("_environ", "_endpoint", "_started", "_registry", "backend", "_column",
-                 "_first_byte", "_last_byte", "_response", "key", "model", "usage", "stream",
+                 "_first_byte", "_last_byte", "_response", "key", "model", "usage", "token_stream",
                  "on_first_byte")
 
     def __init__(self, environ: dict, subpath: str, registry):
@@ -184,11 +185,12 @@ class Exchange:
         self._last_byte = None
         self._response = None
         # The API key (`auth.Key`) counted in for the request, the model it named, what its
-        # answer used (`usage.Usage`), and whether that answer was a stream.
+        # answer used (`usage.Usage`), and whether that answer was a stream whose first event is
+        # its first token (chat, completions: the ones TTFT and TPOT are measured on).
         self.key = None
         self.model = None
         self.usage = None
-        self.stream = False
+        self.token_stream = False
         # Called with the first byte of the backend's body.
         self.on_first_byte = None
 
@@ -269,7 +271,7 @@ class Exchange:
             prompt, completion = _token_series.get(labels) or _token_series_for(labels)
             prompt.inc(usage.prompt_tokens)
             completion.inc(usage.completion_tokens)
-            if self.stream and self._first_byte is not None:
+            if self.token_stream and self._first_byte is not None:
                 ttft, tpot = _stream_series.get(labels[0]) or _stream_series_for(labels[0])
                 ttft.observe(self._first_byte)
                 if usage.completion_tokens > 1 and self._last_byte is not None:

@@ -1,14 +1,17 @@
 """Token usage: read from the answers that carry it, for the metrics, the access log and the keys'
 token limits.
 
-- **JSON answers** (chat, completions, embeddings … not streamed) end with vLLM's
-  `"usage": {"prompt_tokens": …, "completion_tokens": …}`; the relay keeps the start and the end
-  of such a body as it passes (`JsonTap`), and only those are searched, never the whole body.
+- **JSON answers** (chat, completions, embeddings, responses … not streamed) end with vLLM's
+  `"usage": {"prompt_tokens": …, "completion_tokens": …}` (the Responses API's: `input_tokens`,
+  `output_tokens`); the relay keeps the start and the end of such a body as it passes
+  (`JsonTap`), and only those are searched, never the whole body.
 - **Streams** of `/v1/chat/completions` and `/v1/completions` carry usage in one event of their
   own, `choices` empty, just before `data: [DONE]`, when the request asked for it
   (`stream_options.include_usage`). When it did not, the forwarder asks for it (`ask_for_usage`)
   and takes that event out again (`StreamTap`), so the client receives exactly the events it
-  would have received. Only relayed chunks that hold `"usage":{` are looked into.
+  would have received. A `/v1/responses` stream always ends with its usage, in
+  `response.completed`, which is read as it passes. Only relayed chunks that hold `"usage":{`
+  are looked into.
 - `model` is the request's, or else the answer's; metrics label it only when the fleet serves it.
 """
 
@@ -17,8 +20,12 @@ import re
 
 from .json_bodies import encoded
 
-# The endpoints whose streams carry usage in an event of their own.
-METERED_STREAMS = frozenset(("chat/completions", "completions"))
+# The endpoints whose streams carry usage in an event of their own only when asked to (the
+# forwarder asks), and whose first event is the first token.
+ASKED_STREAMS = frozenset(("chat/completions", "completions"))
+# The streams read for usage: those, and the Responses API's, whose last event
+# (`response.completed`) always carries it.
+METERED_STREAMS = ASKED_STREAMS | {"responses"}
 # How much of a JSON answer's start and end is kept to find its model and usage.
 HEAD_BYTES = 1024
 TAIL_BYTES = 8192
@@ -28,8 +35,10 @@ _USAGE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
 # The model's name: the plain form first (vLLM's), then one with escapes in it.
 _PLAIN_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
 _MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
-_PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
-_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+# Chat, completions and embeddings name them prompt and completion tokens; the Responses API
+# (and `/v1/messages`) input and output tokens.
+_PROMPT_TOKENS = re.compile(rb'"(?:prompt|input)_tokens"\s*:\s*(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"(?:completion|output)_tokens"\s*:\s*(\d+)')
 _USAGE_START = b'"usage":{'
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
 
@@ -58,12 +67,14 @@ def ask_for_usage(document: dict, body: bytes) -> "bytes | None":
 
 def _tokens(data: bytes, at: int) -> "tuple[int, int] | None":
     """The prompt and completion tokens of the usage object whose `"usage"` key starts at `at`
-    in `data`. vLLM writes both counts before any nested object, so they are looked for up to
-    the first `}` with two small patterns (json.loads costs several times as much, per answer);
-    a usage object in another order is matched whole."""
+    in `data`. vLLM's chat and completions write both counts before any nested object, so they
+    are looked for up to the first `}` with two small patterns (json.loads costs several times
+    as much, per answer); a usage object with a nested object between them (the Responses
+    API's) is matched whole. A missing completion count (embeddings) is 0."""
     end = data.find(b"}", at)
     prompt = _PROMPT_TOKENS.search(data, at, end) if end > 0 else None
-    if prompt is None:
+    completion = _COMPLETION_TOKENS.search(data, at, end) if prompt is not None else None
+    if completion is None:
         found = _USAGE.match(data, at)
         if found is None:
             return None
@@ -71,7 +82,7 @@ def _tokens(data: bytes, at: int) -> "tuple[int, int] | None":
         prompt = _PROMPT_TOKENS.search(data, at, end)
         if prompt is None:
             return None
-    completion = _COMPLETION_TOKENS.search(data, at, end)
+        completion = _COMPLETION_TOKENS.search(data, at, end)
     return int(prompt.group(1)), int(completion.group(1)) if completion else 0
 
 
@@ -154,11 +165,10 @@ class StreamTap(Usage):
 
     def feed(self, chunk: bytes) -> bytes:
         if self._plain and chunk.endswith(_EVENT_ENDS):
-            at = chunk.find(_USAGE_START)
-            if at < 0:
+            if _USAGE_START not in chunk:
                 return chunk
             if chunk.find(b"\n\n", 0, -2) < 0 and chunk.find(b"\r\n\r\n", 0, -4) < 0:
-                return self._kept(chunk, at)  # the usage event alone, as vLLM sends it
+                return self._kept(chunk)  # the usage event alone, as vLLM sends it
         data = self._held + chunk
         lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
         end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
@@ -178,14 +188,16 @@ class StreamTap(Usage):
             ends = [end + size for end, size in ((whole.find(b"\n\n", at), 2),
                                                  (whole.find(b"\r\n\r\n", at), 4)) if end >= 0]
             end = min(ends)
-            kept += (whole[done:start], self._kept(whole[start:end], at - start))
+            kept += (whole[done:start], self._kept(whole[start:end]))
             done = end
             at = whole.find(_USAGE_START, done)
         kept.append(whole[done:])
         return b"".join(kept)
 
-    def _kept(self, event: bytes, at: int) -> bytes:
-        self.read(event, at)
+    def _kept(self, event: bytes) -> bytes:
+        # The last usage object of the event: a Responses API event echoes the request's tools
+        # before its usage, and a tool's schema may well have a property called `usage`.
+        self.read(event, event.rfind(_USAGE_START))
         return b"" if self.hide and b'"choices":[]' in event else event
 
     def finish(self) -> bytes:

@@ -355,6 +355,13 @@ class App:
             if request.get("stream"):
                 return send(200, completion.events(exchange), "text/event-stream; charset=utf-8")
             return send(200, dumps(completion.response()).encode())
+        if (method, path) == ("POST", "/v1/responses"):
+            if exchange.json is None:
+                return error(400, "The request body must be a JSON object.")
+            answer = ResponsesAnswer(config, request, exchange.body_hash)
+            if request.get("stream"):
+                return send(200, answer.events(exchange), "text/event-stream; charset=utf-8")
+            return send(200, dumps(answer.response("completed")).encode())
         echo = {"method": exchange.method, "path": exchange.path, "body_length": len(body),
                 "body_sha256": exchange.body_hash}
         return send(200, b"" if exchange.method == "HEAD" else dumps(echo).encode())
@@ -441,6 +448,59 @@ class Completion:
         if self.include_usage:
             yield self._event([], usage=self.usage)
         yield b"data: [DONE]\n\n"
+
+
+class ResponsesAnswer:
+    """A `/v1/responses` answer as vLLM 0.11 writes it (reconstructed from its serving code, as
+    the fixtures are): the response object, its usage named `input_tokens` / `output_tokens`
+    with nested details, whole; or typed SSE events (`event: TYPE` and `data: …`) whose last,
+    `response.completed`, carries the usage; no `[DONE]`."""
+
+    def __init__(self, config, request, body_hash):
+        self.config = config
+        self.request = request
+        self.tokens = config["tokens"]
+        self.id = "resp_" + body_hash[:32]
+        self.item_id = "msg_" + body_hash[32:64]
+        prompt_tokens = max(1, len(json.dumps(request.get("input"))) // 4)
+        self.usage = {"input_tokens": prompt_tokens,
+                      "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens": self.tokens,
+                      "output_tokens_details": {"reasoning_tokens": 0},
+                      "total_tokens": prompt_tokens + self.tokens}
+
+    def response(self, status):
+        done = status == "completed"
+        text = "".join(token_text(i) for i in range(self.tokens))
+        output = [{"id": self.item_id, "content": [{"annotations": [], "text": text,
+                                                    "type": "output_text", "logprobs": None}],
+                   "role": "assistant", "status": "completed", "type": "message"}]
+        return {"id": self.id, "created_at": CREATED, "incomplete_details": None,
+                "instructions": self.request.get("instructions"), "metadata": None,
+                "model": self.request.get("model"), "object": "response",
+                "output": output if done else [], "parallel_tool_calls": True,
+                "temperature": 1.0, "tool_choice": "auto", "tools": [], "top_p": 1.0,
+                "background": False, "max_output_tokens": None, "max_tool_calls": None,
+                "previous_response_id": None, "prompt": None, "reasoning": None,
+                "service_tier": "auto", "status": status, "text": None, "top_logprobs": None,
+                "truncation": "disabled", "usage": self.usage if done else None,
+                "user": None}
+
+    def _event(self, sequence, kind, **fields):
+        data = {**fields, "sequence_number": sequence, "type": kind}
+        return f"event: {kind}\ndata: {dumps(data)}\n\n".encode()
+
+    def events(self, exchange):
+        yield self._event(0, "response.created", response=self.response("in_progress"))
+        yield self._event(1, "response.in_progress", response=self.response("in_progress"))
+        for i in range(self.tokens):
+            if exchange.wait(self.config["token_delay"] or 0):
+                return
+            yield self._event(2 + i, "response.output_text.delta", content_index=0,
+                              delta=token_text(i), item_id=self.item_id, logprobs=[],
+                              output_index=0)
+        yield self._event(2 + self.tokens, "response.completed",
+                          response=self.response("completed"))
 
 
 def half_then_die(body):

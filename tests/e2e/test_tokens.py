@@ -193,6 +193,35 @@ def test_completions_streams_and_json_answers_are_metered(fake_backend, forwarde
     assert line["completion_tokens"] == "0"
 
 
+def test_responses_answers_and_streams_are_metered_and_relayed_untouched(fake_backend,
+                                                                         forwarder):
+    backend = fake_backend(config={"tokens": 5})
+    fwd = forwarder([backend.url], wait_healthy=1)
+    client = openai.OpenAI(base_url=fwd.url + "/v1", api_key="x", max_retries=0)
+    answer = client.responses.create(model="llama", input="hello there")
+    assert answer.output_text == "tok0 tok1 tok2 tok3 tok4 "
+    streamed = list(client.responses.create(model="llama", input="hello again", stream=True))
+    assert streamed[-1].type == "response.completed"
+    assert streamed[-1].response.usage.output_tokens == 5
+    plain, stream = backend.requests()
+    body = base64.b64decode(stream["body_b64"])
+    assert "stream_options" not in json.loads(body)  # never asked: it always comes
+    direct = requests.post(backend.url + "/v1/responses", data=body, timeout=10,
+                           headers={"Content-Type": "application/json"})
+    relayed = requests.post(fwd.url + "/v1/responses", data=body, timeout=10,
+                            headers={"Content-Type": "application/json"})
+    assert relayed.content == direct.content and b"response.completed" in relayed.content
+    lines = wait_until(lambda: len(access(fwd, path="/v1/responses")) == 3
+                       and access(fwd, path="/v1/responses"))
+    assert lines[0]["prompt_tokens"] == str(answer.usage.input_tokens)
+    assert lines[1]["prompt_tokens"] == str(streamed[-1].response.usage.input_tokens)
+    assert [line["completion_tokens"] for line in lines] == ["5"] * 3
+    completion = samples(fwd, "forwarder_completion_tokens_total")
+    assert completion[(("key", "none"), ("model", "llama"))] == 15
+    # Its first event is the response's creation, not a token: no TTFT or TPOT from it.
+    assert samples(fwd, "forwarder_time_to_first_token_seconds_count") == {}
+
+
 def test_a_model_the_fleet_does_not_serve_is_counted_as_other(fake_backend, forwarder):
     backend = fake_backend()  # lists llama-3.1-8b and llama, answers any
     fwd = forwarder([backend.url], wait_healthy=1)

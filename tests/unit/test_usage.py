@@ -78,6 +78,12 @@ def test_a_json_answer_gives_its_usage_and_model_from_its_ends():
     # spaces, an escaped model name, embeddings' usage without completion tokens
     (b'{"model" : "a\\"b\\u00e9", "usage" : { "prompt_tokens" : 5, "total_tokens" : 5 }}',
      ('a"b\u00e9', 5, 0)),
+    # the Responses API's: input and output tokens, a nested object between them, and a tool
+    # whose schema has a property called usage before the answer's own
+    (b'{"model":"m","tools":[{"parameters":{"properties":{"usage":{"type":"object"}}}}],'
+     b'"usage":{"input_tokens":5,"input_tokens_details":{"cached_tokens":0},'
+     b'"output_tokens":3,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":8},'
+     b'"user":null}', ("m", 5, 3)),
     (b'{"model":"m","usage":null}', ("m", None, None)),
     (b'{"model":"m","usage":{"prompt_tokens_details":{}}}', ("m", None, None)),
 ])
