@@ -25,7 +25,7 @@ def create_app(settings, registry: "Registry | None" = None) -> Flask:
     app.url_map.add(Rule("/v1/<path:subpath>", endpoint="proxy", strict_slashes=False))
     keys = auth.shared_keys(settings, registry.table)
     app.view_functions["proxy"] = Proxy(settings, registry, keys)
-    auth.install(app, settings, keys)
+    auth.install(app, settings, keys, registry)
 
     @app.get("/_backends")
     def backends():

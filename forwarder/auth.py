@@ -208,8 +208,10 @@ def _is_admin_path(path: str) -> bool:
     return "/" + posixpath.normpath(path).strip("/") in ADMIN_PATHS
 
 
-def install(app: Flask, settings, keys: Keys) -> None:
-    """Check keys before any view runs, when keys are set (otherwise no hook runs at all)."""
+def install(app: Flask, settings, keys: Keys, registry) -> None:
+    """Check keys before any view runs, when keys are set (otherwise no hook runs at all). A
+    `/v1/*` request refused is counted like any other (`forwarder_requests_total`, status 401,
+    backend `none`), so that a dashboard shows clients knocking with a wrong key."""
     admin_keys = KeyRing(((digest(settings.admin_api_key.encode()), True),)) \
         if settings.admin_api_key else None
     max_body = settings.max_request_body_bytes
@@ -219,7 +221,8 @@ def install(app: Flask, settings, keys: Keys) -> None:
     @app.before_request
     def require_key():
         path = request.path
-        if _V1_PATH.match(path):
+        exchange = None
+        if v1 := _V1_PATH.match(path):
             if not keys.required:
                 return None
             keys.sync()
@@ -227,6 +230,7 @@ def install(app: Flask, settings, keys: Keys) -> None:
             if opened is not None:
                 request.environ[environ_keys.KEY] = opened
                 return None
+            exchange = telemetry.Exchange(request.environ, path[v1.end():], registry)
         elif _is_admin_path(path):
             if admin_keys is None or admin_keys.admits(request.headers.get("Authorization")):
                 return None
@@ -237,8 +241,8 @@ def install(app: Flask, settings, keys: Keys) -> None:
         response.headers["WWW-Authenticate"] = "Bearer"
         if request.content_length or "HTTP_TRANSFER_ENCODING" in request.environ:
             # The body of a stranger's upload is not read either.
-            return refuse_body(response, request.environ, max_body)
-        return response
+            response = refuse_body(response, request.environ, max_body)
+        return exchange.finished(response) if exchange is not None else response
 
 
 def backend_authorization(settings) -> "str | None":

@@ -11,8 +11,9 @@ import threading
 import openai
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import backend_behind_forwarder
+from tests.harness import backend_behind_forwarder, wait_until
 
 CLIENT_KEYS = ("sk-first", "sk-second")
 ADMIN_KEY = "admin-secret"
@@ -133,6 +134,22 @@ def test_v1_without_a_right_key_is_401_and_reaches_no_backend(backend, fwd, head
     assert_openai_error(response, 401)
     assert response.headers["WWW-Authenticate"] == "Bearer"
     assert backend.requests() == []
+
+
+def test_a_refused_v1_request_is_counted_with_its_401(backend, fwd):
+    def refused():
+        text = requests.get(fwd.url + "/metrics", headers=bearer(ADMIN_KEY), timeout=5).text
+        return sum(s.value for family in text_string_to_metric_families(text)
+                   for s in family.samples if s.name == "forwarder_requests_total"
+                   and s.labels == {"backend": "none", "endpoint": "embeddings",
+                                    "status": "401"})
+
+    before = refused()
+    with session() as http:
+        for headers in ({}, bearer("sk-wrong")):
+            assert http.post(fwd.url + "/v1/embeddings", headers=headers,
+                             json={"input": "x"}).status_code == 401
+    wait_until(lambda: refused() == before + 2, message=lambda: f"counted {refused() - before}")
 
 
 @pytest.mark.parametrize("path", ["/v1/models", "//v1/models", "/%76%31/models", "/v1",
