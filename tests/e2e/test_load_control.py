@@ -264,11 +264,11 @@ def test_never_more_than_half_of_the_backends_are_ejected(fake_backend, forwarde
 
 
 def test_an_ejection_soon_after_a_return_lasts_twice_as_long(fake_backend, forwarder):
-    # "Soon" is within the last ejection's length after it ended; 3 s leaves a loaded CI box
+    # "Soon" is within the last ejection's length after it ended; 4 s leaves a loaded CI box
     # room for the return poll, the wait below and the failing requests.
     bad = fake_backend(name="bad", config={"fail_status": 500})
     fwd = forwarder([bad.url, fake_backend().url], wait_healthy=2,
-                    env={"EJECT_AFTER_FAILURES": "1", "EJECT_SECONDS": "3",
+                    env={"EJECT_AFTER_FAILURES": "1", "EJECT_SECONDS": "4",
                          "CHECK_INTERVAL_SECONDS": "0.2", "ROUTING_POLICY": "least_loaded"})
 
     def eject():
@@ -282,9 +282,9 @@ def test_an_ejection_soon_after_a_return_lasts_twice_as_long(fake_backend, forwa
         raise AssertionError(f"never ejected: answers {seen}, last {entry}")
 
     first = eject()
-    wait_until(lambda: get_json(fwd, "/_backends")["healthy"] == 2, timeout=8)
+    wait_until(lambda: get_json(fwd, "/_backends")["healthy"] == 2, timeout=10)
     second = eject()
     lengths = [float(line.split("ejected for ")[1].split(" s ")[0])
                for line in log_lines(fwd, rf"backend {re.escape(bad.url)} ejected for")]
-    assert lengths == [3.0, 6.0], lengths
-    assert 1.0 < first <= 3.0 and 4.0 < second <= 6.0, (first, second)
+    assert lengths == [4.0, 8.0], lengths
+    assert 1.0 < first <= 4.0 and 5.0 < second <= 8.0, (first, second)
