@@ -7,13 +7,14 @@ requests, errors and tokens per second of each backend and API key name, with th
 import os
 import re
 import shutil
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from tests.harness import REPO_ROOT, wait_until
+from tests.harness import REPO_ROOT, read_response, wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = REPO_ROOT / "test-artifacts"
@@ -158,6 +159,15 @@ def test_status_page_shows_the_instance_wide_load_kv_cache_and_queue(
     assert "0 requests waiting in the queue" in page.locator("#summary").inner_text()
     assert all("this worker" not in head.inner_html() for head in page.locator("thead").all())
 
+    # Kept-alive connections first, one after another, so that the workers hold about as many
+    # connections as each other whatever the browser opened (it may keep several to one worker):
+    # a worker holding more than one over its sibling stops accepting, so the four streams then
+    # land on both workers.
+    idle = []
+    for _ in range(6):
+        idle.append(socket.create_connection(("127.0.0.1", fwd.port), timeout=10))
+        idle[-1].sendall(b"GET /_health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(idle[-1])[0].startswith(b"HTTP/1.1 200")
     streams, chunks = [], []
     with ThreadPoolExecutor(1) as pool:
         try:
@@ -185,6 +195,8 @@ def test_status_page_shows_the_instance_wide_load_kv_cache_and_queue(
         finally:
             for response in streams:
                 response.close()
+            for connection in idle:
+                connection.close()
         # Their places freed, the queued request went through.
         assert queued.result(timeout=10).status_code == 200
     wait_for_text(page, "#queued", "0 requests")
