@@ -4,17 +4,17 @@ gunicorn workers, it shows what the instance knows as a whole: requests in fligh
 worker, each backend's KV-cache use, an ejection, the requests waiting in the queue, and the
 requests, errors and tokens per second of each backend and API key name, with their charts."""
 
+import itertools
 import os
 import re
 import shutil
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from tests.harness import REPO_ROOT, read_response, wait_until
+from tests.harness import REPO_ROOT, wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = REPO_ROOT / "test-artifacts"
@@ -141,6 +141,20 @@ def row_selector(backend):
     return f'tr[data-url="{backend.url}"]'
 
 
+def sessions_on_both_workers(fwd, count=4):
+    """`count` kept-alive sessions (of a fresh instance of two workers, before the browser opens
+    connections of its own), each with a connection open. A worker holding more than one
+    connection over its sibling stops accepting, so opened one after another from none, some of
+    them are held by each worker: requests sent over all of them are relayed by both."""
+    sessions = []
+    for _ in range(count):
+        session = requests.Session()
+        session.trust_env = False
+        assert session.get(fwd.url + "/_health", timeout=10).status_code == 200
+        sessions.append(session)
+    return sessions
+
+
 def test_status_page_shows_the_instance_wide_load_kv_cache_and_queue(
         fake_backend, forwarder, browser):
     # Streams that go silent after their first token: held open until the test lets them go.
@@ -148,6 +162,7 @@ def test_status_page_shows_the_instance_wide_load_kv_cache_and_queue(
     full = fake_backend(config={"kv_cache": 0.95, "stall_after": 1})
     fwd = forwarder([roomy.url, full.url], workers=2, wait_healthy=2,
                     env={"MAX_IN_FLIGHT_PER_BACKEND": "2", "QUEUE_TARGET_SECONDS": "30"})
+    sessions = sessions_on_both_workers(fwd)
     page, errors = open_status(browser, fwd)
     roomy_row, full_row = page.locator(row_selector(roomy)), page.locator(row_selector(full))
     wait_for_text(page, f"{row_selector(roomy)} .kv-cache", "73 %")
@@ -159,23 +174,14 @@ def test_status_page_shows_the_instance_wide_load_kv_cache_and_queue(
     assert "0 requests waiting in the queue" in page.locator("#summary").inner_text()
     assert all("this worker" not in head.inner_html() for head in page.locator("thead").all())
 
-    # Kept-alive connections first, one after another, so that the workers hold about as many
-    # connections as each other whatever the browser opened (it may keep several to one worker):
-    # a worker holding more than one over its sibling stops accepting, so the four streams then
-    # land on both workers.
-    idle = []
-    for _ in range(6):
-        idle.append(socket.create_connection(("127.0.0.1", fwd.port), timeout=10))
-        idle[-1].sendall(b"GET /_health HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert read_response(idle[-1])[0].startswith(b"HTTP/1.1 200")
     streams, chunks = [], []
     with ThreadPoolExecutor(1) as pool:
         try:
             # Two streams on each backend (the limit), each on a connection of its own: the
             # workers share them, and each worker counts only its own.
-            for index in range(4):
-                response = requests.post(f"{fwd.url}{CHAT}?hold={index}",
-                                         json=chat(True, f"s{index}"), stream=True, timeout=30)
+            for index, session in enumerate(sessions):
+                response = session.post(f"{fwd.url}{CHAT}?hold={index}",
+                                        json=chat(True, f"s{index}"), stream=True, timeout=30)
                 streams.append(response)
                 it = response.iter_content(None)
                 next(it)  # the stream has begun
@@ -195,8 +201,8 @@ def test_status_page_shows_the_instance_wide_load_kv_cache_and_queue(
         finally:
             for response in streams:
                 response.close()
-            for connection in idle:
-                connection.close()
+            for session in sessions:
+                session.close()
         # Their places freed, the queued request went through.
         assert queued.result(timeout=10).status_code == 200
     wait_for_text(page, "#queued", "0 requests")
@@ -305,6 +311,8 @@ def test_status_page_shows_requests_errors_and_tokens_per_second_by_backend_and_
     backend = fake_backend(config={"tokens": 5})
     fwd = forwarder([backend.url], workers=2, wait_healthy=1,
                     env={"FORWARDER_API_KEYS": "team-a:sk-a,team-b:sk-b"})
+    sessions = sessions_on_both_workers(fwd)
+    turns = itertools.cycle(sessions)
     page, errors = open_status(browser, fwd)
     page.wait_for_selector('#api-keys tr[data-key="team-b"]', timeout=SHOWN_MS)
     assert page.locator("#api-keys").is_visible()
@@ -314,9 +322,7 @@ def test_status_page_shows_requests_errors_and_tokens_per_second_by_backend_and_
     assert shown["team-a"]["requests"]["text"] == "0"
 
     def post(key, content):
-        with requests.Session() as session:  # a connection each: both workers relay some
-            session.trust_env = False
-            return session.post(fwd.url + CHAT, json=chat(content=content), timeout=10,
+        return next(turns).post(fwd.url + CHAT, json=chat(content=content), timeout=10,
                                 headers={"Authorization": f"Bearer {key}"})
 
     def send_round(index):
@@ -375,3 +381,5 @@ def test_status_page_shows_requests_errors_and_tokens_per_second_by_backend_and_
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "status-page-rates.png"), full_page=True)
+    for session in sessions:
+        session.close()
