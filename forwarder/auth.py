@@ -183,10 +183,6 @@ class Keys:
         table.add_key(K_IN_FLIGHT, column, 1)
         table.count_per_minute(K_REQUESTS_NOW, column, 1, now)
 
-    def done(self, key: Key) -> None:
-        """A request of `key` counted in by `admit` is over."""
-        self.table.add_key(K_IN_FLIGHT, key.column, -1)
-
     @staticmethod
     def _refuse(reason: str, retry_after: int):
         telemetry.rejected(reason)

@@ -170,8 +170,8 @@ class Exchange:
     counters see it, counted when it ends: its backend, key, model and token usage."""
 
     __slots__ = ("_environ", "_endpoint", "_started", "_registry", "backend", "_column",
-                 "_first_byte", "_last_byte", "_response", "key", "model", "usage", "token_stream",
-                 "on_first_byte")
+                 "_first_byte", "_last_byte", "_response", "key", "_key_done", "model", "usage",
+                 "token_stream", "on_first_byte")
 
     def __init__(self, environ: dict, subpath: str, registry):
         self._started = time.perf_counter()
@@ -188,6 +188,7 @@ class Exchange:
         # answer used (`usage.Usage`), and whether that answer was a stream whose first event is
         # its first token (chat, completions: the ones TTFT and TPOT are measured on).
         self.key = None
+        self._key_done = False
         self.model = None
         self.usage = None
         self.token_stream = False
@@ -222,13 +223,14 @@ class Exchange:
         """The backend's response body has all been relayed (and its usage read)."""
         self._last_byte = time.perf_counter() - self._started
         usage, environ = self.usage, self._environ
-        if usage is None:
-            return
-        if self.model is None and usage.model is not None:
-            environ[environ_keys.MODEL] = usage.model
-        if usage.prompt_tokens is not None:
-            environ[environ_keys.PROMPT_TOKENS] = usage.prompt_tokens
-            environ[environ_keys.COMPLETION_TOKENS] = usage.completion_tokens
+        if usage is not None:
+            if self.model is None and usage.model is not None:
+                environ[environ_keys.MODEL] = usage.model
+            if usage.prompt_tokens is not None:
+                environ[environ_keys.PROMPT_TOKENS] = usage.prompt_tokens
+                environ[environ_keys.COMPLETION_TOKENS] = usage.completion_tokens
+        if self.key is not None and not self._key_done:
+            self._account_key(self._response.status_code >= 500)
 
     def named(self, model: "str | None") -> None:
         """The request names `model`."""
@@ -282,14 +284,24 @@ class Exchange:
             table.add_backend(B_REQUESTS, self._column, 1)
             table.add_backend(B_ERRORS, self._column, int(failed))
             table.add_backend(B_TOKENS, self._column, tokens)
-        if self.key is not None:
-            column = self.key.column
-            table.add_key(K_IN_FLIGHT, column, -1)
-            table.add_key(K_REQUESTS, column, 1)
-            table.add_key(K_ERRORS, column, int(failed))
-            if tokens:
-                table.add_key(K_TOKENS, column, tokens)
-                table.count_per_minute(K_TOKENS_NOW, column, tokens, time.time())
+        if self.key is not None and not self._key_done:
+            self._account_key(failed)
+
+    def _account_key(self, failed: bool) -> None:
+        """The key's share of the request, once: its place freed, its request, error and tokens
+        counted. Done when the backend's body has ended (`last_byte`), before the client can see
+        the end of the response, so that a client that sends its next request at once finds its
+        place free and its tokens counted (at the close, it could get there first, on the other
+        worker); at the close for a response that ended otherwise."""
+        self._key_done = True
+        table, column, usage = self._registry.table, self.key.column, self.usage
+        table.add_key(K_IN_FLIGHT, column, -1)
+        table.add_key(K_REQUESTS, column, 1)
+        table.add_key(K_ERRORS, column, int(failed))
+        if usage is not None and usage.prompt_tokens is not None:
+            tokens = usage.prompt_tokens + usage.completion_tokens
+            table.add_key(K_TOKENS, column, tokens)
+            table.count_per_minute(K_TOKENS_NOW, column, tokens, time.time())
 
 
 def client_disconnected() -> None:
