@@ -289,10 +289,11 @@ class Exchange:
 
     def _account_key(self, failed: bool) -> None:
         """The key's share of the request, once: its place freed, its request, error and tokens
-        counted. Done when the backend's body has ended (`last_byte`), before the client can see
-        the end of the response, so that a client that sends its next request at once finds its
-        place free and its tokens counted (at the close, it could get there first, on the other
-        worker); at the close for a response that ended otherwise."""
+        counted. Done when the backend's body has ended (`last_byte`): for a stream before the
+        client can see the end of the response (gunicorn writes the last chunk after), for a
+        whole answer just after its last byte, so that a client that sends its next request at
+        once finds its place free and its tokens counted (at the close, it could get there
+        first, on the other worker). At the close for a response that ended otherwise."""
         self._key_done = True
         table, column, usage = self._registry.table, self.key.column, self.usage
         table.add_key(K_IN_FLIGHT, column, -1)
