@@ -583,9 +583,13 @@ def _non_streaming(url, seconds):
     return len(tally.latencies), tally.errors
 
 
-def _streaming(url, seconds):
-    tally, _ = asyncio.run(load.closed_loop_streams(url, 64, seconds, METERING_TOKENS))
+def _streaming(url, seconds, tokens=None):
+    tally, _ = asyncio.run(load.closed_loop_streams(url, 64, seconds, tokens or METERING_TOKENS))
     return tally.complete, tally.incomplete
+
+
+def _long_streaming(url, seconds):
+    return _streaming(url, seconds, METERING_LONG_TOKENS)
 
 
 def scenario_shared_table(table, workdir, quick, pins):
@@ -601,25 +605,31 @@ def scenario_shared_table(table, workdir, quick, pins):
 
 
 # Scenario 6's forwarders: token metering on and off, for non-streaming chat completions (their
-# usage read from the answer's end) and for streams (usage asked for and its event taken out).
+# usage read from the answer's end) and for streams (usage asked for and its event taken out):
+# short ones, where metering's cost per stream weighs most, and ones of a typical answer's length.
 METERING_TOKENS = 16
+METERING_LONG_TOKENS = 128
 METERING_VARIANTS = (
     ("non-streaming, metering off", {"METER_TOKENS": "0"}, (), _non_streaming),
     ("non-streaming, metering on", {}, ("non-streaming, metering off",), _non_streaming),
     ("streaming, metering off", {"METER_TOKENS": "0"}, (), _streaming),
     ("streaming, metering on", {}, ("streaming, metering off",), _streaming),
+    (f"streams of {METERING_LONG_TOKENS}, metering off", {"METER_TOKENS": "0"}, (),
+     _long_streaming),
+    (f"streams of {METERING_LONG_TOKENS}, metering on", {},
+     (f"streams of {METERING_LONG_TOKENS}, metering off",), _long_streaming),
 )
 
 
 def scenario_metering(table, workdir, quick, pins):
     """6. What token metering costs a request: one worker's CPU per non-streaming chat
-    completion, and per stream of METERING_TOKENS events, at concurrency 64, with METER_TOKENS
-    on and off in the same run."""
+    completion, and per stream of METERING_TOKENS and of METERING_LONG_TOKENS events, at
+    concurrency 64, with METER_TOKENS on and off in the same run."""
     rounds = 4 if quick else 12
     seconds = 1.5 if quick else 4
     cpu, errors = _rounds(workdir, pins, METERING_VARIANTS, rounds, seconds)
     _report_rounds(table, f"6. token metering, concurrency 64, streams of {METERING_TOKENS} "
-                          f"events ({rounds} rounds, a {seconds} s block each)",
+                          f"events unless said ({rounds} rounds, a {seconds} s block each)",
                    METERING_VARIANTS, cpu, errors)
 
 
