@@ -20,9 +20,9 @@
 - `affinity`: consistent hashing with bounded loads. A session key maps to its home on the ring;
   a backend is skipped when taking the request would lift its load (the same load, the requests
   in flight weighed by size) over 1.25 × the average (`load + 1 > 1.25 × (total load + 1) /
-  candidates`), so a session moves when its backend is down or overloaded. A session that moved is remembered and
-  stays where it moved (its prefix cache is there now) until that backend is down or over the
-  bound too.
+  candidates`), so a session moves when its backend is down or overloaded. A session that moved
+  is remembered in the host table, by every worker and over a reload, and stays where it moved
+  (its prefix cache is there now) until that backend is down or over the bound too.
 
 Candidates are the healthy backends that serve the request's model (`FleetView.serving`).
 """

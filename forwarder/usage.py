@@ -50,7 +50,8 @@ def ask_for_usage(document: dict, body: bytes) -> "bytes | None":
     """Make a streamed chat or completions request (its `document`, parsed from `body`, a JSON
     object) ask for its usage: the body to send instead, or None when it needs no change. A body
     without `stream_options` keeps every byte it had, the option written in after its `{`;
-    only one whose options lack `include_usage` is written anew."""
+    only one whose options lack `include_usage` is written anew. `document` gains the option
+    too, so that a later rewrite of it (`FORCED_MODEL_NAME`) keeps it."""
     if document.get("stream") is not True:
         return None
     options = document.get("stream_options")

@@ -3,6 +3,8 @@
 import base64
 import collections
 import json
+import os
+import signal
 
 import requests
 
@@ -113,6 +115,47 @@ def test_affinity_keeps_sessions_together_and_moves_them_on_failure_and_overload
     wait_until(lambda: backend_status(fwd, backends[home])["num_requests_waiting"] == 0)
     assert {send(session) for _ in range(3)} == {moved}
     http.close()
+
+
+def test_a_moved_session_is_followed_by_every_worker_and_over_a_reload(fake_backend, forwarder):
+    # Where a session moved is kept in the host table: the worker that did not move it sends it
+    # there too, and so do the workers that replace them on SIGHUP.
+    backends = {name: fake_backend(name=name, config={"waiting": 0, "running": 0})
+                for name in ("a", "b", "c")}
+    fwd = forwarder(ip_lines(*backends.values()), workers=2, wait_healthy=3,
+                    env={"ROUTING_POLICY": "affinity"})
+    sent = iter(range(10_000))
+
+    def send():  # a connection of its own: either worker
+        return served_by(requests.post(f"{fwd.url}/v1/completions?n={next(sent)}", timeout=10,
+                                       json={"model": "llama", "prompt": "hi", "max_tokens": 1},
+                                       headers={"X-Session-ID": "the-session"}))
+
+    home = send()
+    backends[home].configure(waiting=50)
+    wait_until(lambda: backend_status(fwd, backends[home])["num_requests_waiting"] == 50)
+    moved = send()
+    assert moved != home
+    backends[home].configure(waiting=0)
+    wait_until(lambda: backend_status(fwd, backends[home])["num_requests_waiting"] == 0)
+
+    def every_worker_sends_it_to(place, workers):
+        places = collections.Counter()
+
+        def both_served():
+            places[send()] += 1
+            pids = {line["pid"] for line in fwd.access_lines()
+                    if line["path"].startswith("/v1/completions")}
+            return {str(pid) for pid in workers} <= pids
+
+        wait_until(both_served, timeout=20, message=lambda: f"one worker only: {places}")
+        assert set(places) == {place}, places
+
+    every_worker_sends_it_to(moved, fwd.worker_pids())
+    old_workers = fwd.worker_pids()
+    os.kill(fwd.pid, signal.SIGHUP)
+    wait_until(lambda: len(fwd.worker_pids() - old_workers) == 2, timeout=15)
+    every_worker_sends_it_to(moved, fwd.worker_pids() - old_workers)
 
 
 def test_affinity_relays_bodies_unchanged_and_never_parses_multipart(fake_backend, forwarder):

@@ -162,6 +162,20 @@ def test_a_stream_that_did_not_ask_for_usage_is_metered_and_relayed_as_it_was(fa
     assert ttft[(("model", "llama"),)] == 1 and tpot[(("model", "llama"),)] == 1
 
 
+def test_a_forced_model_and_the_usage_asked_for_are_written_into_one_body(fake_backend,
+                                                                          forwarder):
+    backend = fake_backend(config={"tokens": 3})
+    fwd = forwarder([backend.url], wait_healthy=1, env={"FORCED_MODEL_NAME": "llama"})
+    relayed = requests.post(fwd.url + CHAT, json=chat(True, "hi", model="gpt-4"), timeout=10)
+    (sent,) = backend.requests()
+    assert sent["json"]["model"] == "llama"
+    assert sent["json"]["stream_options"] == {"include_usage": True}
+    assert b'"usage":{' not in relayed.content
+    assert relayed.content.endswith(b"data: [DONE]\n\n")
+    (line,) = access(fwd, path=CHAT)
+    assert (line["model"], line["completion_tokens"]) == ("llama", "3")
+
+
 def test_a_stream_that_asked_for_usage_gets_it_and_the_sdk_reads_it(fake_backend, forwarder):
     backend = fake_backend(config={"tokens": 4})
     fwd = forwarder([backend.url], wait_healthy=1)
