@@ -4,7 +4,9 @@ streams, the access log's fields, the token metrics, and SSE keep-alive comments
 
 import base64
 import json
+import os
 import re
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -130,6 +132,36 @@ def test_key_limits_hold_across_workers_with_429_and_retry_after(fake_backend, f
     assert rejected[(("reason", "key_max_concurrent"),)] == 4
     assert rejected[(("reason", "key_requests_per_minute"),)] == 2
     assert rejected[(("reason", "key_tokens_per_minute"),)] == 1
+
+
+def test_a_keys_place_stays_taken_over_a_reload_while_the_old_worker_drains(fake_backend,
+                                                                              forwarder, tmp_path):
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text("solo sk-solo max_concurrent=1\n")
+    backend = fake_backend(config={"tokens": 40, "token_delay": 0.1})
+    fwd = forwarder([backend.url], workers=2, wait_healthy=1,
+                    env={"API_KEYS_FILE": str(keys_file)})
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(requests.post, fwd.url + CHAT, json=chat(True), timeout=30,
+                              headers=bearer("sk-solo"))
+        wait_until(lambda: len(backend.requests()) == 1)
+        old_workers = fwd.worker_pids()
+        os.kill(fwd.pid, signal.SIGHUP)
+        wait_until(lambda: len(fwd.worker_pids() - old_workers) == 2, timeout=15)
+        new_workers = {str(pid) for pid in fwd.worker_pids() - old_workers}
+        refused = []
+
+        def new_workers_refused():
+            response = requests.post(fwd.url + CHAT + f"?r={len(refused)}", json=chat(),
+                                     headers=bearer("sk-solo"), timeout=10)
+            refused.append(response.status_code)
+            pids = {line["pid"] for line in fwd.access_lines() if "?r=" in line["path"]}
+            return new_workers <= pids
+
+        wait_until(new_workers_refused, timeout=10, message=lambda: f"answers: {refused}")
+        assert not running.done()  # the stream still runs on a draining worker
+        assert set(refused) == {429}, refused
+        assert running.result().status_code == 200
 
 
 # --- usage from streams ---------------------------------------------------------------------
