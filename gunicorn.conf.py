@@ -4,7 +4,7 @@ gunicorn's own command-line flags (`--bind`, `--workers` …) and `GUNICORN_CMD_
 is set here. The forwarder's settings are environment variables (`forwarder/settings.py`); they
 are validated here, in the master, so a bad one stops start-up before any worker is forked, and
 every worker inherits them loaded. This file holds gunicorn's settings and what the master sets
-up; everything a worker does, from start to exit, is `forwarder.gunicorn_worker.Worker`.
+up; everything a worker does, from start to exit, is `forwarder.worker.Worker`.
 """
 
 import glob
@@ -35,7 +35,7 @@ else:
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from forwarder import host_table as _host_table  # noqa: E402  (needs the path above)
+from forwarder.host import table as _host_table  # noqa: E402  (needs the path above)
 from forwarder import settings as _settings  # noqa: E402
 
 try:
@@ -46,13 +46,13 @@ except _settings.SettingError as _exc:
         shutil.rmtree(_metrics_dir, ignore_errors=True)
     sys.exit(2)
 
-# What the workers of this instance share (forwarder/host_table.py): made here, in the master,
+# What the workers of this instance share (forwarder/host/table.py): made here, in the master,
 # before the first fork, so every worker maps the same memory; a reload (SIGHUP) keeps it.
 _table = _host_table.shared()
 
 bind = "0.0.0.0:9000"
 # gunicorn's gevent worker, with the forwarder's poller, first-cycle gate and drain.
-worker_class = "forwarder.gunicorn_worker.Worker"
+worker_class = "forwarder.worker.Worker"
 workers = os.cpu_count() or 1
 # Counts every open connection, streams and idle keep-alives alike; a full worker stops accepting.
 # 10,000 open streams per box, however unevenly the workers happen to accept them. Each stream
@@ -79,10 +79,10 @@ limit_request_field_size = 8190
 # gunicorn >= 25 opens a control socket at a fixed per-user path; two instances would clobber it.
 control_socket_disable = True
 # One access log line per request, written once its response has ended, with its request id,
-# backend, duration and time to first byte (forwarder/access_log.py); `--access-logfile` and
-# `--access-logformat` override as usual.
+# backend, duration and time to first byte (forwarder/observe/access_log.py);
+# `--access-logfile` and `--access-logformat` override as usual.
 accesslog = "-"
-logger_class = "forwarder.access_log.AccessLogger"
+logger_class = "forwarder.observe.access_log.AccessLogger"
 
 
 def pre_fork(server, worker):

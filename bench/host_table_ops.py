@@ -6,7 +6,7 @@ Builds one worker's `Registry` over a private `HostTable` listing `--backends` b
 healthy, with 1, 2 and 8 worker slots in use (host-wide sums run over the slots in use), and
 prints microseconds of process CPU (`time.process_time`) per call of each operation: the
 in-flight sums (`least_loaded` reads one per candidate, the brake one more), a request's
-acquire and release, the picks and the brake's checks over 4 candidates, `Registry.sync` with
+place taken and given back through its ledger, the picks and the brake's checks over 4 candidates, `Registry.sync` with
 nothing changed and after one backend's column changed (what every request and every 50 ms
 poller tick pay once a poll landed: it looks at every listed backend's column version and
 mirrors the changed one), what a poll writes (`Registry.record_poll`), a poller tick with no
@@ -30,12 +30,15 @@ os.environ["PROMETHEUS_MULTIPROC_DIR"] = METRICS_DIR = tempfile.mkdtemp(prefix="
 os.environ.setdefault("IP_LIST_FILE", os.devnull)
 
 from bench.fake_backend import METRICS_BODY  # noqa: E402
-from forwarder import settings, vllm_metrics  # noqa: E402
-from forwarder.admission import Admission  # noqa: E402
-from forwarder.host_table import S_QUEUED  # noqa: E402
-from forwarder.poller import Poller  # noqa: E402
-from forwarder.registry import WEIGHT_UNITS, Registry  # noqa: E402
-from forwarder.routing import Router, load  # noqa: E402
+from forwarder import settings  # noqa: E402
+from forwarder.fleet import vllm_metrics  # noqa: E402
+from forwarder.fleet.load import WEIGHT_UNITS, load  # noqa: E402
+from forwarder.fleet.poller import Poller  # noqa: E402
+from forwarder.fleet.registry import Registry  # noqa: E402
+from forwarder.host.table import S_QUEUED  # noqa: E402
+from forwarder.relay.brake import Brake  # noqa: E402
+from forwarder.relay.ledger import Ledger  # noqa: E402
+from forwarder.relay.policies import Request, make_policy  # noqa: E402
 
 # A poll's figures, as `vllm_metrics.read_load` gives them.
 FIGURES = {"num_requests_running": 3.0, "num_requests_waiting": 0.0, "kv_cache_usage": 0.25}
@@ -81,24 +84,26 @@ def operations(registry: Registry) -> "list[tuple[str, object]]":
     table = registry.table
     backend = registry.listed[0]
     members = registry.healthy[:CANDIDATES]
-    random_router = Router("random", registry)
-    least_loaded = Router("least_loaded", registry)
+    random_policy = make_policy("random", registry)
+    least_loaded = make_policy("least_loaded", registry)
+    request = Request()
     # The brake on, with a limit no request reaches.
-    admission = Admission(dataclasses.replace(settings.current(),
-                                              max_in_flight_per_backend=1 << 30), table)
+    limited = Brake(dataclasses.replace(settings.current(), max_in_flight_per_backend=1 << 30),
+                    table)
     poller = idle_poller(registry)
 
     def acquire_release():
         table.acquire(backend.column, WEIGHT_UNITS)
         table.release(backend.column, WEIGHT_UNITS)
 
-    def backend_acquire_release():
-        backend.acquire()
-        backend.release()
+    def ledger_take_give_back():
+        ledger = Ledger(limits=None)
+        ledger.take_backend(backend, WEIGHT_UNITS)
+        ledger.close()
 
     def brake():
-        admission.with_room(members)
-        admission.must_wait()
+        limited.with_room(members)
+        limited.must_wait()
 
     def changed(call):
         def after_a_poll():
@@ -112,12 +117,12 @@ def operations(registry: Registry) -> "list[tuple[str, object]]":
          lambda: table.in_flight_weight(backend.column)),
         ("HostTable.slot_sum(S_QUEUED)", lambda: table.slot_sum(S_QUEUED)),
         ("HostTable.acquire + release", acquire_release),
-        ("Backend.acquire + release (with the gauge)", backend_acquire_release),
-        ("routing.load (one backend)", lambda: load(backend)),
-        (f"Router.pick, random, {CANDIDATES} candidates",
-         lambda: random_router.pick(members, None)),
-        (f"Router.pick, least_loaded, {CANDIDATES} candidates",
-         lambda: least_loaded.pick(members, None)),
+        ("Ledger: take a backend's place and give it back (with the gauge)",
+         ledger_take_give_back),
+        ("fleet.load.load (one backend)", lambda: load(backend)),
+        (f"pick, random, {CANDIDATES} candidates", lambda: random_policy.pick(members, request)),
+        (f"pick, least_loaded, {CANDIDATES} candidates",
+         lambda: least_loaded.pick(members, request)),
         (f"brake: with_room + must_wait, {CANDIDATES} candidates", brake),
         ("Registry.sync, nothing changed", registry.sync),
         ("Registry.sync after one backend's column changed", changed(registry.sync)),

@@ -33,9 +33,9 @@ os.environ.setdefault("IP_LIST_FILE", os.devnull)
 from gunicorn.config import Config  # noqa: E402
 
 from forwarder import environ_keys  # noqa: E402
-from forwarder import telemetry  # noqa: E402
+from forwarder.observe import metrics  # noqa: E402
 from forwarder.app import Edge  # noqa: E402
-from forwarder.registry import Registry  # noqa: E402
+from forwarder.fleet.registry import Registry  # noqa: E402
 
 BACKEND = "http://10.0.0.11:8101"
 # The headers the openai SDK sends with a chat completion.
@@ -99,7 +99,7 @@ def metrics_hooks(backend, registry):
     environ[environ_keys.REQUEST_ID] = "client-trace-123"
 
     def once():
-        exchange = telemetry.Exchange(environ, "chat/completions", registry)
+        exchange = metrics.Exchange(environ, "chat/completions", registry)
         exchange.sending_to(backend)
         backend.acquire()
         exchange.first_byte()

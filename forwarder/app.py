@@ -5,14 +5,16 @@ from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Rule
 
-from . import auth, environ_keys, rates, telemetry
+from . import access, environ_keys
 from .compat.server import close_connection
 from .errors import error_response
-from .proxy import Proxy
-from . import registry as fleet
-from .registry import Registry
-from .request_id import HEADER as REQUEST_ID_HEADER, request_id
-from .status_page import status_page
+from .fleet import registry as fleet
+from .fleet.registry import Registry
+from .observe import metrics, status_history
+from .observe.request_id import HEADER as REQUEST_ID_HEADER, request_id
+from .observe.status_page import status_page
+from .relay.proxy import Proxy
+from .tenants.keys import shared_keys
 
 
 def create_app(settings, registry: "Registry | None" = None) -> Flask:
@@ -23,9 +25,9 @@ def create_app(settings, registry: "Registry | None" = None) -> Flask:
     # A rule without `methods` takes every method, so OPTIONS, PROPFIND or anything vLLM adds
     # later is forwarded too (Flask's own `route` would limit it to GET and answer OPTIONS itself).
     app.url_map.add(Rule("/v1/<path:subpath>", endpoint="proxy", strict_slashes=False))
-    keys = auth.shared_keys(settings, registry.table)
+    keys = shared_keys(settings, registry.table)
     app.view_functions["proxy"] = Proxy(settings, registry, keys)
-    auth.install(app, settings, keys, registry)
+    access.install(app, settings, keys, registry)
 
     @app.get("/_backends")
     def backends():
@@ -42,9 +44,9 @@ def create_app(settings, registry: "Registry | None" = None) -> Flask:
             return jsonify(status="starting", **figures), 503
         return jsonify(status="ok", **figures)
 
-    app.add_url_rule("/metrics", "metrics", telemetry.Scrape(registry).response)
+    app.add_url_rule("/metrics", "metrics", metrics.Scrape(registry).response)
     app.add_url_rule("/_status", "status", status_page)
-    recorder = rates.shared(registry, keys)
+    recorder = status_history.shared(registry, keys)
 
     @app.get("/_status/data")
     def status_data():

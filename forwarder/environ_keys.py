@@ -17,8 +17,8 @@ TTFB = "forwarder.ttfb"
 CUT = "forwarder.cut"
 # Set when the connection ends after this answer: it then says `Connection: close`.
 CLOSE_CONNECTION = "forwarder.close_connection"
-# The API key the request came with (`auth.Key`), when keys are set.
-KEY = "forwarder.key"
+# The API key the request came with (`tenants.keys.Key`), when keys are set.
+API_KEY = "forwarder.key"
 # The request's model and the tokens its answer used, as the access log shows them.
 MODEL = "forwarder.model"
 PROMPT_TOKENS = "forwarder.prompt_tokens"

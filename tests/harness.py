@@ -22,7 +22,7 @@ import requests
 import urllib3
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# The User-Agent of the forwarder's health polls (`forwarder.health.POLL_USER_AGENT`).
+# The User-Agent of the forwarder's health polls (`forwarder.fleet.poller.POLL_USER_AGENT`).
 POLL_USER_AGENT = "vllm-forwarder-health"
 LISTENING = re.compile(r"fake vllm listening on http://\S+:(\d+)")
 ACCESS_LINE = re.compile(r"request_id=\S+ method=\S+ path=\S+ status=\d+ .*")

@@ -11,7 +11,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from forwarder import telemetry
+from forwarder.observe import metrics
 from tests.harness import REPO_ROOT, backend_behind_forwarder, wait_until
 
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "forwarder.json"
@@ -160,7 +160,7 @@ def test_retries_health_and_errors_by_backend(fake_backend, forwarder):
     by = {(dict(k)["backend"], dict(k)["endpoint"], dict(k)["status"]): v
           for k, v in counted.items()}
     assert by[(second.url, "models", "502")] == 1
-    assert by[(telemetry.NO_BACKEND, "models", "503")] == 1
+    assert by[(metrics.NO_BACKEND, "models", "503")] == 1
     assert sum(v for (b, e, s), v in by.items() if e == "other") == 1
     assert sum(v for (b, e, s), v in by.items() if e == "models") == sent + 4
     assert {e for (b, e, s) in by} == {"models", "other"}
@@ -320,5 +320,5 @@ def test_readme_lists_every_metric_and_endpoint(served):
                                  "forwarder_prompt_tokens", "forwarder_completion_tokens",
                                  "forwarder_time_to_first_token_seconds",
                                  "forwarder_time_per_output_token_seconds"}
-    for endpoint in telemetry.ENDPOINTS | {telemetry.OTHER_ENDPOINT}:
+    for endpoint in metrics.ENDPOINTS | {metrics.OTHER_ENDPOINT}:
         assert f"`{endpoint}`" in section

@@ -3,7 +3,7 @@ alone, filled the way the poller and the list leader fill it."""
 
 import json
 
-from forwarder.registry import Registry
+from forwarder.fleet.registry import Registry
 
 
 def publish(registry: Registry, urls) -> Registry:

@@ -5,7 +5,7 @@ from datetime import timedelta
 
 from gunicorn.config import Config
 
-from forwarder.access_log import AccessLogger
+from forwarder.observe.access_log import AccessLogger
 from tests.harness import FIELD
 
 

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from forwarder.backend_list import DnsName, parse_backend_list, parse_entry
+from forwarder.fleet.backend_list import DnsName, parse_backend_list, parse_entry
 
 
 @pytest.mark.parametrize("entry, url", [
@@ -46,7 +46,7 @@ def test_file_with_comments_duplicates_and_bad_lines(caplog):
         "has spaces inside\n"
         "   [fd00::5]:9001\n"
     )
-    with caplog.at_level(logging.WARNING, logger="forwarder.backend_list"):
+    with caplog.at_level(logging.WARNING, logger="forwarder.fleet.backend_list"):
         urls = parse_backend_list(text, "fleet.txt", 8101)
     assert urls == ["http://10.0.0.11:9001", "http://10.0.0.12:8101", "http://[fd00::5]:9001"]
     messages = [r.getMessage() for r in caplog.records]

@@ -106,7 +106,7 @@ def test_raw_socket_is_the_os_level_socket_and_never_waits():
             "forwarder.compat.server.raw_socket must change" % type(raw))
         assert raw.getblocking() is False, (
             "the OS-level socket under a blocking gevent socket no longer is non-blocking: "
-            "forwarder.client_watch would park in a recv outside the hub")
+            "forwarder.relay.client_watch would park in a recv outside the hub")
         try:
             raw.recv(1, socket.MSG_PEEK)
         except BlockingIOError:
@@ -114,7 +114,7 @@ def test_raw_socket_is_the_os_level_socket_and_never_waits():
         else:
             raise AssertionError(
                 "a peek on gevent's `_sock` with nothing to read no longer raises "
-                "BlockingIOError; forwarder.client_watch must change")
+                "BlockingIOError; forwarder.relay.client_watch must change")
         right.sendall(b"x")
         with gevent.Timeout(WAIT):
             gevent.socket.wait_read(left.fileno())

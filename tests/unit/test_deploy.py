@@ -14,8 +14,8 @@ import yaml
 
 from forwarder import settings
 from forwarder.app import create_app
-from forwarder.backend_list import DnsName, parse_backend_list
-from forwarder.registry import Registry
+from forwarder.fleet.backend_list import DnsName, parse_backend_list
+from forwarder.fleet.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -103,7 +103,7 @@ def test_the_backend_list_is_the_configmap_mounted_as_a_directory(objects, pod, 
 
 def test_the_configmap_list_parses_and_names_the_headless_service(objects, caplog):
     (text,) = objects["ConfigMap/vllm-forwarder-backends"]["data"].values()
-    with caplog.at_level(logging.WARNING, logger="forwarder.backend_list"):
+    with caplog.at_level(logging.WARNING, logger="forwarder.fleet.backend_list"):
         entries = parse_backend_list(text, "ip.txt", 8101)
     assert not caplog.records, "the shipped ip.txt has lines the forwarder would skip"
     (entry,) = entries

@@ -8,8 +8,8 @@ import types
 import gevent
 import pytest
 
-from forwarder.backend_list import DnsName
-from forwarder.discovery import Discovery, LookupFailed
+from forwarder.fleet.backend_list import DnsName
+from forwarder.fleet.discovery import Discovery, LookupFailed
 
 PODS = DnsName("vllm", 8000)
 OTHERS = DnsName("other", 9000)
@@ -63,7 +63,7 @@ def test_a_url_listed_both_ways_is_one_backend_with_its_first_entrys_source(disc
 def test_a_failed_lookup_keeps_the_last_addresses_and_logs_once(discovery, caplog):
     discovery.resolver.answers.update(vllm=["10.0.0.2"], other=["10.0.0.9"])
     discovery.expand([PODS, OTHERS])
-    caplog.set_level(logging.INFO, logger="forwarder.discovery")
+    caplog.set_level(logging.INFO, logger="forwarder.fleet.discovery")
     for failure in (LookupFailed("SERVFAIL"), "hang", LookupFailed("SERVFAIL")):
         discovery.resolver.answers["vllm"] = failure
         discovery.resolver.answers["other"] = ["10.0.0.8"]

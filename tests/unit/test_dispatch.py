@@ -1,5 +1,5 @@
-"""Unit tests for `Dispatcher.send`, one per rule of `forwarder/dispatch.py`'s docstring: a real
-`Registry` and `Router` hold the fleet, while the send (`attempt`), the clock and the registry's
+"""Unit tests for `Dispatcher.send`, one per rule of `forwarder/relay/dispatch.py`'s docstring: a
+real `Registry` and routing policy hold the fleet, while the send (`attempt`), the clock and the registry's
 two waits are fakes that follow a script, so every test runs in milliseconds without the network,
 without sleeping and without gevent blocking; each test checks the answer (status and message),
 the backends attempted in order, and what was left behind (health, `last_error`, in-flight counts,
@@ -9,10 +9,13 @@ import types
 
 import pytest
 
-from forwarder import settings, telemetry, upstream
-from forwarder.dispatch import Dispatcher, DispatchFailed, Outgoing
-from forwarder.registry import Registry
-from forwarder.routing import Router
+from forwarder import settings, upstream
+from forwarder.fleet.ejection import Ejection
+from forwarder.fleet.registry import Registry
+from forwarder.observe import metrics
+from forwarder.relay.dispatch import Dispatcher, DispatchFailed, Outgoing
+from forwarder.relay.ledger import Ledger
+from forwarder.relay.policies import make_policy
 from tests.unit.fleets import poll, publish, serve
 
 URLS = ("http://dispatch-a.test:8101", "http://dispatch-b.test:8101",
@@ -130,8 +133,10 @@ class Fleet:
         if first_cycle_done:
             self.registry.first_cycle.set()
         self.settings = _settings(**overrides)
-        self.router = Router(policy, self.registry)
-        self.dispatcher = Dispatcher(self.registry, self.router, self.settings, clock=self.clock)
+        self.policy = make_policy(policy, self.registry)
+        self.dispatcher = Dispatcher(self.registry, self.policy, self.settings,
+                                     Ejection(self.registry, 5, 30), clock=self.clock)
+        self.ledger = None
 
     def mark_healthy(self, index):
         poll(self.registry, self.backends[index], num_requests_running=0,
@@ -141,7 +146,17 @@ class Fleet:
         return [b.in_flight for b in self.backends]
 
     def send(self, send, model=None, **kwargs):
-        return self.dispatcher.send(Outgoing(send, model, **kwargs))
+        """Send as the view does: a new ledger, closed if the send raises (else by `done`)."""
+        self.ledger = Ledger(limits=None)
+        try:
+            return self.dispatcher.send(Outgoing(send, model, **kwargs), self.ledger)
+        except BaseException:
+            self.ledger.close()
+            raise
+
+    def done(self):
+        """The answer has been relayed: the request's places are given back."""
+        self.ledger.close()
 
     def fails(self, send, model=None, **kwargs):
         with pytest.raises(DispatchFailed) as failed:
@@ -156,7 +171,7 @@ def _settings(**overrides):
 
 
 def retries():
-    return telemetry.RETRIES._value.get()
+    return metrics.RETRIES._value.get()
 
 
 class Watch:
@@ -196,7 +211,7 @@ def test_a_model_no_healthy_backend_serves_is_a_404():
     for _ in range(5):
         backend, response = fleet.send(send, "m2")
         assert (backend, response) == (b, OK)
-        backend.release()
+        fleet.done()
     assert send.calls == [b] * 5
 
 
@@ -228,7 +243,7 @@ def test_a_refused_request_waits_for_its_models_backend_to_come_back():
     assert (backend, response) == (a, OK)
     assert send.calls == [a, a]
     assert fleet.registry.waits == [("change", 5)]
-    a.release()
+    fleet.done()
 
 
 # 2. A backend that cannot be connected to is marked down at once and another is tried.
@@ -247,7 +262,7 @@ def test_a_backend_that_refuses_is_marked_down_and_another_answers():
     assert b.healthy and c.healthy
     assert retries() - before == 1
     assert fleet.registry.waits == []
-    b.release()
+    fleet.done()
 
 
 # 3. Every backend refuses: each is tried once, then 502.
@@ -281,7 +296,7 @@ def test_a_stale_connection_is_sent_once_more_and_the_backend_stays_up():
     assert a.healthy is True
     assert a.last_error is None
     assert retries() - before == 1
-    a.release()
+    fleet.done()
 
 
 # 5. Stale twice: that backend is passed over, never marked down.
@@ -297,7 +312,7 @@ def test_a_backend_stale_twice_is_passed_over_not_marked_down():
     assert a.last_error is None
     assert fleet.registry.waits == []
     assert fleet.in_flight() == [0, 1]
-    b.release()
+    fleet.done()
 
 
 def test_a_single_backend_stale_twice_leaves_nothing_to_pick_so_502():
@@ -407,7 +422,7 @@ def test_nothing_healthy_waits_and_sends_to_the_backend_that_comes_back():
     assert (backend, response) == (b, OK)
     assert send.calls == [b]
     assert fleet.registry.waits == [("change", 5)]
-    b.release()
+    fleet.done()
 
 
 def test_nothing_healthy_waits_no_longer_than_no_backend_wait_then_503():
@@ -466,7 +481,7 @@ def test_before_the_first_cycle_ends_the_request_waits_for_it_and_is_sent():
     assert send.calls == [a]
     assert fleet.settings.first_cycle_wait == 10
     assert fleet.registry.waits == [("first_cycle", 10)]
-    a.release()
+    fleet.done()
 
 
 def test_a_first_cycle_that_does_not_end_is_a_503_without_waiting_past_the_deadline():
@@ -529,10 +544,10 @@ def test_waiting_is_entered_around_each_send_and_each_wait():
                       ("change", True), ("send", True)]
     assert watch.log == ["enter", "exit"] * 5
     assert not watch.inside
-    a.release()
+    fleet.done()
 
 
-# 13. The chosen backend's in-flight count is raised for the response's life, and only then.
+# 13. The chosen backend's place is taken in the ledger for the response's life, and only then.
 
 def test_in_flight_is_raised_for_the_answering_backend_only():
     fleet = Fleet(3, loads=[0, 1, 2])
@@ -544,7 +559,7 @@ def test_in_flight_is_raised_for_the_answering_backend_only():
     # Raised during each send, released after each failure, still raised for the answer.
     assert send.in_flight_seen == [1, 1, 1, 1]
     assert fleet.in_flight() == [0, 0, 1]
-    c.release()
+    fleet.done()
     assert fleet.in_flight() == [0, 0, 0]
 
 
@@ -593,4 +608,4 @@ def test_on_attempt_is_called_before_each_send_in_order():
     assert backend is b
     assert events == [("on_attempt", a), ("send", a), ("on_attempt", b), ("send", b),
                       ("on_attempt", b), ("send", b)]
-    b.release()
+    fleet.done()

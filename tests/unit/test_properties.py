@@ -10,9 +10,10 @@ import urllib.parse
 import pytest
 from hypothesis import example, given, settings as hypothesis_settings, strategies as st
 
-from forwarder import backend_list, settings
-from forwarder.proxy import upstream_target
-from forwarder.json_bodies import encoded, json_object
+from forwarder import settings
+from forwarder.fleet import backend_list
+from forwarder.relay.proxy import upstream_target
+from forwarder.relay.json_bodies import encoded, json_object
 
 # Text that looks like what an operator or an attacker would type, plus anything at all.
 ENTRY_PIECES = st.sampled_from([

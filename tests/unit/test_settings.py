@@ -67,13 +67,6 @@ def test_every_setting_has_a_real_type():
     assert isinstance(loaded.backend_default_port, int)
 
 
-def test_routing_policy_names_match_the_policies():
-    from forwarder.registry import Registry
-    from forwarder.routing import Router
-
-    assert tuple(Router("random", Registry()).policies()) == settings.ROUTING_POLICIES
-
-
 @pytest.mark.parametrize("value, server", [
     ("", None), ("10.96.0.10", ("10.96.0.10", 53)), ("127.0.0.1:5353", ("127.0.0.1", 5353)),
     ("fd00::a", ("fd00::a", 53)), ("[fd00::a]:5353", ("fd00::a", 5353)),

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.auth import parse_keys_file
-from forwarder.usage import JsonTap, StreamTap, ask_for_usage
+from forwarder.tenants.keys import parse_keys_file
+from forwarder.relay.request_body import ask_for_usage
+from forwarder.tenants.usage import JsonTap, StreamTap
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 STREAM = (FIXTURES / "sse_chat_completions_v0.11_reconstructed.txt").read_bytes()

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from forwarder.vllm_metrics import read_load
+from forwarder.fleet.vllm_metrics import read_load
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 BODIES = [

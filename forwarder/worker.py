@@ -53,11 +53,13 @@ import time
 import gevent
 import gevent.event
 
-from . import client_watch, host_table, settings
+from . import settings
 from .compat.server import GeventWorker
-from .host_table import (DRAINING, READY, S_CONNECTIONS, S_HEARTBEAT, S_STARTED, S_STATE,
+from .host import table as host_table
+from .host.table import (DRAINING, READY, S_CONNECTIONS, S_HEARTBEAT, S_STARTED, S_STATE,
                          STARTING)
-from .request_body import linger
+from .relay import client_watch
+from .relay.request_body import linger
 
 # After gunicorn's own error answer to a request it could not parse (400, 414, 431 …): at most
 # this much of what the client still sends is discarded before the connection closes.
@@ -133,8 +135,11 @@ class Worker(GeventWorker):
     def run(self):
         # Imported only now that gevent has patched this process: the master imports this module,
         # and what these import (requests, urllib3) must not be loaded unpatched.
-        from . import auth, rates, registry, upstream
-        from .poller import Poller
+        from . import upstream
+        from .fleet import registry
+        from .fleet.poller import Poller
+        from .observe import status_history
+        from .tenants.keys import shared_keys
 
         forwarder_log = logging.getLogger("forwarder")
         forwarder_log.handlers = logging.getLogger("gunicorn.error").handlers
@@ -142,9 +147,9 @@ class Worker(GeventWorker):
         forwarder_log.propagate = False
         upstream.configure(pool_maxsize=self.cfg.worker_connections)
         fleet = registry.shared()
-        gevent.spawn(Poller(fleet, self.settings).run_forever)
-        gevent.spawn(rates.shared(fleet, auth.shared_keys(self.settings, fleet.table))
-                     .run_forever)
+        keys = shared_keys(self.settings, fleet.table)
+        gevent.spawn(Poller(fleet, self.settings, leader_duties=(keys.publish,)).run_forever)
+        gevent.spawn(status_history.shared(fleet, keys).run_forever)
         self._wait_for(fleet.first_cycle, self.settings.first_cycle_wait)
         if self.alive:
             self.table.set_own(S_STATE, READY)

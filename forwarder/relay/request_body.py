@@ -17,9 +17,8 @@ says when something needs that, and refusing it without losing the answer.
 import socket
 import time
 
-from . import usage
-from .environ_keys import CLOSE_CONNECTION
-from .errors import error_response
+from ..environ_keys import CLOSE_CONNECTION
+from ..errors import error_response
 from .json_bodies import encoded, json_object
 
 # Chunked request bodies are read in pieces of this size, so the limit is noticed in time.
@@ -83,7 +82,7 @@ def take(environ, length: "int | None", limit: int, parse: bool, forced_model: "
     usage). The body is streamed from the client when it is large, its length is known and
     nothing needs to read it (`on_end` is called once it has all been read); it is read whole
     otherwise, and parsed when `parse`, when there is a `forced_model` to set in it, or, with
-    `ask_usage`, when it may be a stream (`usage.ask_for_usage`). `BodyRefused` past `limit` or
+    `ask_usage`, when it may be a stream (`ask_for_usage`). `BodyRefused` past `limit` or
     when it cannot be read to its end."""
     if length is not None and length > limit:
         raise BodyTooLarge(limit)
@@ -93,12 +92,35 @@ def take(environ, length: "int | None", limit: int, parse: bool, forced_model: "
     body = read_limited(environ["wsgi.input"], limit, length)
     ask_usage = ask_usage and b'"stream"' in body
     document = json_object(body) if body and (parse or ask_usage) else None
-    asked = usage.ask_for_usage(document, body) if ask_usage and document is not None else None
+    asked = ask_for_usage(document, body) if ask_usage and document is not None else None
     if document is not None and forced_model is not None:
         body = encoded(document, forced_model)
     elif asked is not None:
         body = asked
     return body or None, document, asked is not None
+
+
+_ASK = b'"stream_options":{"include_usage":true},'
+
+
+def ask_for_usage(document: dict, body: bytes) -> "bytes | None":
+    """Make a streamed chat or completions request (its `document`, parsed from `body`, a JSON
+    object) ask for its usage: the body to send instead, or None when it needs no change. A body
+    without `stream_options` keeps every byte it had, the option written in after its `{`;
+    only one whose options lack `include_usage` is written anew. `document` gains the option
+    too, so that a later rewrite of it (`FORCED_MODEL_NAME`) keeps it."""
+    if document.get("stream") is not True:
+        return None
+    options = document.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        return None
+    if options is not None and not isinstance(options, dict):
+        return None  # not vLLM's shape: the backend will say what is wrong
+    document["stream_options"] = {**(options or {}), "include_usage": True}
+    if options is not None:
+        return encoded(document)
+    start = body.index(b"{") + 1
+    return body[:start] + _ASK + body[start:]
 
 
 def read_limited(stream, limit: int, length: "int | None") -> bytes:

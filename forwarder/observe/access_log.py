@@ -22,8 +22,8 @@ import time
 
 from gunicorn.glogging import Logger
 
-from . import environ_keys
-from .compat.server import operator_access_log_format
+from .. import environ_keys
+from ..compat.server import operator_access_log_format
 
 # What a field taken from a request (its model) may hold as it is; anything else is %-escaped, so
 # that no client can break a line or forge a field.
@@ -56,7 +56,7 @@ class AccessLogger(Logger):
         if isinstance(status, str):
             status = status.split(None, 1)[0]
         sent = resp.sent
-        key = environ.get(environ_keys.KEY)
+        key = environ.get(environ_keys.API_KEY)
         self.access_log.info(
             LINE, time.strftime("[%d/%b/%Y:%H:%M:%S %z]"),
             environ.get(environ_keys.REQUEST_ID, "-"), environ["REQUEST_METHOD"],

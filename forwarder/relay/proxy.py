@@ -1,4 +1,6 @@
-"""The `/v1/*` proxy view: request in → its body → a backend (`dispatch.py`) → relay its answer.
+"""The `/v1/*` proxy view, orchestration only: request in → its key's place → its body → a backend
+(`dispatch.py`) → relay its answer (`response_body.py`); every place the request takes is its
+ledger's (`ledger.py`).
 
 Path, query string, body and headers go to the backend as the client sent them, except
 hop-by-hop headers and, when `FORCED_MODEL_NAME` is set, the `model` field of a JSON-object POST
@@ -15,16 +17,26 @@ import urllib.parse
 
 from flask import Response, request
 
-from . import auth, relay, request_body, telemetry, upstream, usage
+from .. import environ_keys
+from ..errors import Rejected, error_response
+from ..fleet.ejection import Ejection
+from ..fleet.load import weight_of
+from ..fleet.registry import Registry
+from ..observe import metrics
+from ..observe.request_id import HEADER as REQUEST_ID_HEADER
+from ..tenants import usage
+from ..tenants.keys import Keys
+from ..tenants.limits import KeyLimits
+from .. import upstream
+from . import headers as relay_headers, request_body
+from .brake import Brake
 from .client_watch import ClientGone, ClientWatch, ShuttingDown
-from .admission import Admission, Rejected
-from .dispatch import Dispatcher, DispatchFailed, Outgoing, Placement
-from .environ_keys import CLOSE_CONNECTION, KEY, REQUEST_ID
-from .errors import error_response
+from .dispatch import Dispatcher, DispatchFailed, Outgoing
 from .json_bodies import json_object
-from .registry import Registry, weight_of
-from .request_id import HEADER as REQUEST_ID_HEADER
-from .routing import SESSION_HEADER, Router, session_key
+from .ledger import Ledger
+from .policies import make_policy
+from .policies.affinity import SESSION_HEADER, session_key
+from .response_body import SHUTTING_DOWN, RelayedBody
 
 
 class RelayedResponse(Response):
@@ -68,70 +80,91 @@ def _nothing():
 class Proxy:
     """The view for every method on every path under `/v1/`."""
 
-    def __init__(self, settings, registry: Registry, keys: auth.Keys):
+    def __init__(self, settings, registry: Registry, keys: Keys):
         self.registry = registry
         self.keys = keys
         self.meter = settings.meter_tokens
         self.keep_alive = settings.sse_keepalive_seconds
         self.weight_bytes = settings.request_weight_bytes
-        self.router = Router(settings.routing_policy, registry)
-        self.dispatcher = Dispatcher(registry, self.router, settings,
-                                     Admission(settings, registry.table))
+        self.policy = make_policy(settings.routing_policy, registry)
+        self.brake = Brake(settings, registry.table) \
+            if settings.max_in_flight_per_backend else None
+        self.limits = KeyLimits(registry.table)
+        ejection = Ejection(registry, settings.eject_after_failures, settings.eject_seconds)
+        self.dispatcher = Dispatcher(registry, self.policy, settings, ejection, self.brake)
         self.forced_model = settings.forced_model_name
         self.connect_timeout = settings.connect_timeout_seconds
         self.read_timeout = settings.read_timeout_seconds
         self.max_body = settings.max_request_body_bytes
-        self.backend_authorization = auth.backend_authorization(settings)
+        self.backend_authorization = relay_headers.backend_authorization(settings)
 
     def __call__(self, subpath: str = "") -> Response:
         environ = request.environ
-        exchange = telemetry.Exchange(environ, subpath, self.registry)
+        exchange = metrics.Exchange(environ, subpath, self.registry)
+        ledger = Ledger(self.limits, self.brake)
+        try:
+            response = exchange.finished(self._answer(environ, exchange, ledger))
+            # The last step: from here on the relayed body, if any, gives the places back.
+            ledger.handed_over = isinstance(response.response, RelayedBody)
+            return response
+        finally:
+            if not ledger.handed_over:
+                ledger.close()
+
+    def _answer(self, environ, exchange, ledger: Ledger) -> Response:
         target = upstream_target(environ.get("RAW_URI") or request.full_path)
         if target is None:
             # Its body is never read: end the connection without losing the answer to a reset.
-            return exchange.finished(request_body.refuse_body(
+            return request_body.refuse_body(
                 error_response(400, "The request path must stay under /v1/."), environ,
-                self.max_body))
+                self.max_body)
         method = request.method
         view = self.registry.view
         if method == "GET" and request.path == "/v1/models" and view.models_body:
-            return exchange.finished(Response(view.models_body, mimetype="application/json"))
-        api_key = environ.get(KEY)
+            return Response(view.models_body, mimetype="application/json")
+        api_key = environ.get(environ_keys.API_KEY)
         if api_key is not None:
-            try:
-                self.keys.admit(api_key)
-            except Rejected as rejected:
-                return exchange.finished(request_body.refuse_body(
-                    rejected.response(), environ, self.max_body))
             exchange.key = api_key
+            try:
+                ledger.take_key(api_key)
+            except Rejected as rejected:
+                return request_body.refuse_body(rejected.response(), environ, self.max_body)
         session_header = request.headers.get(SESSION_HEADER)
+        needs_session_key = self.policy.needs_session_key
         post = method == "POST"
         wants_document = (post and request.mimetype != "multipart/form-data"
                           and (not view.uniform_models
-                               or (self.router.needs_session_key and not session_header)))
+                               or (needs_session_key and not session_header)))
         metered_stream = self.meter and post and exchange.endpoint in usage.ASKED_STREAMS
         client_socket = environ.get("gunicorn.socket")
         watch = ClientWatch(client_socket) if client_socket is not None else None
+        try:
+            return self._send(environ, exchange, ledger, target, method, post, wants_document,
+                              metered_stream, session_header, watch)
+        except BaseException:
+            if watch is not None:
+                watch.stop()
+            raise
+
+    def _send(self, environ, exchange, ledger, target, method, post, wants_document,
+              metered_stream, session_header, watch) -> Response:
         try:
             body, document, asked = request_body.take(
                 environ, request.content_length, self.max_body, wants_document,
                 self.forced_model if post else None,
                 watch.start if watch else _nothing, ask_usage=metered_stream)
         except request_body.BodyRefused as refused:
-            return exchange.finished(refused.response(environ))
+            return refused.response(environ)
         streamed = isinstance(body, request_body.BodyStream)
         if watch and not streamed:
             watch.start()
         model = document.get("model") if document else None
         model = model if isinstance(model, str) else None
         exchange.named(model)
-        key = session_key(session_header, document) if self.router.needs_session_key else None
-        headers = relay.request_headers(request.headers)
-        headers[REQUEST_ID_HEADER] = environ[REQUEST_ID]
+        headers = relay_headers.request_headers(request.headers)
+        headers[REQUEST_ID_HEADER] = environ[environ_keys.REQUEST_ID]
         if self.backend_authorization:
             headers["Authorization"] = self.backend_authorization
-
-        weight = weight_of(len(body) if body else 0, self.weight_bytes)
 
         def attempt(backend):
             return upstream.send(method, backend.url + target, headers, body,
@@ -143,45 +176,46 @@ class Proxy:
             priority = parsed.get("priority") if parsed else None
             return priority if type(priority) is int else 0
 
-        outgoing = Outgoing(attempt, model, key, weight, resendable=not streamed, waiting=watch,
-                            on_attempt=exchange.sending_to, priority_of=priority_of,
-                            client=api_key.name if api_key is not None and api_key.name
-                            else environ.get("REMOTE_ADDR", ""))
+        api_key = exchange.key
+        outgoing = Outgoing(
+            attempt, model,
+            session_key(session_header, document) if self.policy.needs_session_key else None,
+            weight_of(len(body) if body else 0, self.weight_bytes),
+            resendable=not streamed, waiting=watch, on_attempt=exchange.sending_to,
+            priority_of=priority_of,
+            client=api_key.name if api_key is not None and api_key.name
+            else environ.get("REMOTE_ADDR", ""))
         try:
-            backend, response = self.dispatcher.send(outgoing)
+            backend, response = self.dispatcher.send(outgoing, ledger)
         except ClientGone:
-            watch.stop()
-            telemetry.client_disconnected()
+            metrics.client_disconnected()
             # nginx's "client closed request", for the access log
-            return exchange.finished(Response(status=499))
+            return Response(status=499)
         except ShuttingDown:
-            watch.stop()
-            environ[CLOSE_CONNECTION] = True
-            return exchange.finished(error_response(503, relay.SHUTTING_DOWN))
+            environ[environ_keys.CLOSE_CONNECTION] = True
+            return error_response(503, SHUTTING_DOWN)
         except (DispatchFailed, Rejected) as failed:
-            if watch:
+            return failed.response()
+        finally:
+            if watch is not None and ledger.backend is None:
                 watch.stop()
-            return exchange.finished(failed.response())
 
-        content_type = response.headers.get("content-type", "")
-        sse = content_type.startswith("text/event-stream")
-        tap = None
-        if self.meter and post:
-            if sse and exchange.endpoint in usage.METERED_STREAMS:
-                tap = usage.StreamTap(hide=asked, read_model=model is None)
-            elif content_type.startswith("application/json"):
-                tap = usage.JsonTap()
-        exchange.usage = tap
-        exchange.token_stream = sse and exchange.endpoint in usage.ASKED_STREAMS
-        placement = Placement(self.dispatcher, backend, weight)
-        exchange.on_first_byte = placement.prefilled
-        relayed = RelayedResponse(relay.relay_body(response, exchange, sse, watch, tap,
-                                                   self.keep_alive),
-                                  status=response.status,
-                                  headers=relay.response_headers(response.headers))
-        # For HEAD, 204 and 304 Werkzeug never starts the generator, so its `finally` never runs.
-        relayed.call_on_close(response.close)
-        relayed.call_on_close(placement.release)
-        if watch:
-            relayed.call_on_close(watch.stop)
-        return exchange.finished(relayed)
+        try:
+            ledger.failed = response.status >= 500
+            content_type = response.headers.get("content-type", "")
+            sse = content_type.startswith("text/event-stream")
+            tap = None
+            if self.meter and post:
+                if sse and exchange.endpoint in usage.METERED_STREAMS:
+                    tap = usage.StreamTap(hide=asked, read_model=model is None)
+                elif content_type.startswith("application/json"):
+                    tap = usage.JsonTap()
+            exchange.usage = tap
+            exchange.token_stream = sse and exchange.endpoint in usage.ASKED_STREAMS
+            return RelayedResponse(
+                RelayedBody(response, exchange, ledger, sse, watch, tap, self.keep_alive),
+                status=response.status,
+                headers=relay_headers.response_headers(response.headers))
+        except BaseException:
+            response.close()
+            raise

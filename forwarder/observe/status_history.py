@@ -1,7 +1,7 @@
 """The last minutes of requests, errors and tokens per second, per backend and per API key, for the
 `/_status` page (`GET /_status/data`).
 
-Every worker counts what it relays in its own cells of the host table (`telemetry.Exchange`);
+Every worker counts what it relays in its own cells of the host table (`metrics.Exchange`);
 the sums over workers are the instance's. Each worker samples those sums every SAMPLE_SECONDS and
 keeps the last HISTORY_SAMPLES, so whichever worker answers shows the same figures (sampled a few
 milliseconds apart); a worker that has just started shows a shorter past.
@@ -12,7 +12,7 @@ import time
 
 import gevent
 
-from .host_table import B_ERRORS, B_REQUESTS, B_TOKENS, K_ERRORS, K_REQUESTS, K_TOKENS
+from ..host.table import B_ERRORS, B_REQUESTS, B_TOKENS, K_ERRORS, K_REQUESTS, K_TOKENS
 
 SAMPLE_SECONDS = 10.0
 # Ten minutes of samples.

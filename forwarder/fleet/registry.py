@@ -1,11 +1,11 @@
 """The fleet as this worker sees it: one `Backend` per listed base URL, the `Registry` that holds
 them, and the read-only `FleetView` snapshot that routing picks from.
 
-What the instance knows of a backend lives in the host table (`host_table.py`), shared by its
+What the instance knows of a backend lives in the host table (`host/table.py`), shared by its
 workers: the list (the leader writes it), each backend's last poll (its poll owner writes it),
-the last time a request could not connect to it, its failures in a row and its ejection. The
-registry mirrors the table into plain attributes (`sync`, when the table's change counter moved),
-and writes what this worker learns into it. The request path reads `Registry.view` (rebuilt only
+the last time a request could not connect to it, its failures in a row and its ejection
+(`ejection.py`). The registry mirrors the table into plain attributes (`sync`, when the table's
+change counter moved), and writes what this worker learns into it. The request path reads `Registry.view` (rebuilt only
 when health, a model list or the list changes, so picking a backend costs no scan) and the
 host-wide in-flight figures, which are read from the table at the moment they are needed.
 
@@ -22,38 +22,21 @@ import time
 
 from gevent.event import Event
 
-from . import host_table, model_lists, telemetry
-from .host_table import (C_DOWN_AT, C_DOWN_REASON, C_EJECT_REASON, C_EJECT_SECONDS,
-                         C_EJECT_STATUS, C_EJECTED_UNTIL, C_FAILURES, C_IN_FLIGHT_AT_POLL,
-                         C_KV_CACHE, C_LAST_FAILURE, C_LAST_FAILURE_STATUS, C_MODELS_READ_AT,
-                         C_POLL_OK, C_VERSION,
-                         C_POLL_REASON, C_POLL_STATUS, C_POLLED_AT, C_RUNNING, C_WAITING, REASONS,
-                         HostTable, reason_code)
+from ..host import table as host_table
+from ..host.table import (C_DOWN_AT, C_DOWN_REASON, C_EJECT_REASON, C_EJECT_STATUS,
+                          C_EJECTED_UNTIL, C_IN_FLIGHT_AT_POLL, C_KV_CACHE, C_MODELS_READ_AT,
+                          C_POLL_OK, C_POLL_REASON, C_POLL_STATUS, C_POLLED_AT, C_RUNNING,
+                          C_VERSION, C_WAITING, REASONS, HostTable, reason_code)
+from . import model_lists
 
 log = logging.getLogger("forwarder.backends")
-
-# The longest one ejection lasts, however often the backend is ejected again.
-MAX_EJECT_SECONDS = 600.0
-# A request weighs 1 + its body's length / REQUEST_WEIGHT_BYTES (4096 by default: a
-# 100,000-token prompt, ~400 KB, weighs about 100; a 10-token one, 1) until its first token, and 1
-# after (its prefill, the work that grows with the prompt, is done), counted in sixteenths so that
-# it stays an integer.
-WEIGHT_UNITS = 16
-
-
-def weight_of(body_length: int, bytes_per_request: int) -> int:
-    """A request's weight, in WEIGHT_UNITS per request, from its body's length in bytes (1 for
-    every request when `bytes_per_request` is 0)."""
-    if not bytes_per_request:
-        return WEIGHT_UNITS
-    return WEIGHT_UNITS + body_length * WEIGHT_UNITS // bytes_per_request
 
 
 def _figure(value: float) -> "float | None":
     return None if math.isnan(value) else value
 
 
-def _error_text(reason: int, status: int) -> "str | None":
+def error_text(reason: int, status: int) -> "str | None":
     return f"HTTP {status}" if status else REASONS[reason]
 
 
@@ -63,7 +46,7 @@ class Backend:
     __slots__ = ("url", "column", "source", "healthy", "num_requests_running",
                  "num_requests_waiting", "kv_cache_usage", "last_checked_at", "last_error",
                  "ejected_until", "in_flight_at_poll", "models", "model_entries", "models_seq",
-                 "models_read", "version", "_table", "_in_flight_gauge")
+                 "models_read", "version", "_table")
 
     def __init__(self, url: str, column: int, table: HostTable):
         self.url = url
@@ -89,8 +72,6 @@ class Backend:
         self.models_read = False
         # Its column's version when last mirrored.
         self.version = -1
-        # The same count, per worker, for /metrics (summed over workers there).
-        self._in_flight_gauge = telemetry.in_flight_gauge(url)
 
     @property
     def in_flight(self) -> int:
@@ -99,25 +80,20 @@ class Backend:
 
     @property
     def in_flight_weight(self) -> int:
-        """The weight of those requests, in WEIGHT_UNITS per request."""
+        """The weight of those requests, in `fleet.load.WEIGHT_UNITS` per request."""
         return self._table.in_flight_weight(self.column)
 
-    def acquire(self, weight: int = WEIGHT_UNITS) -> None:
-        """One request of `weight` is being sent to this backend."""
+    def acquire(self, weight: int) -> None:
+        """One request of `weight` is being sent to this backend (`relay.ledger` only)."""
         self._table.acquire(self.column, weight)
-        self._in_flight_gauge.inc()
 
-    def release(self, weight: int = WEIGHT_UNITS) -> None:
+    def release(self, weight: int) -> None:
         """One request of `weight` relayed through this backend has finished."""
         self._table.release(self.column, weight)
-        self._in_flight_gauge.dec()
 
-    def prefilled(self, weight: int) -> int:
-        """A request of `weight` in flight here has its first token: its prompt is prefilled, and
-        from now on it weighs what any one running sequence does. The weight it has now."""
-        if weight != WEIGHT_UNITS:
-            self._table.add_backend(host_table.B_WEIGHT, self.column, WEIGHT_UNITS - weight)
-        return WEIGHT_UNITS
+    def reweigh(self, delta: int) -> None:
+        """A request in flight here now weighs `delta` more (or less)."""
+        self._table.add_backend(host_table.B_WEIGHT, self.column, delta)
 
     def status(self) -> dict:
         """The backend as `/_backends` shows it."""
@@ -179,17 +155,17 @@ class FleetView:
         return self._by_model.get(model, self._any_model)
 
 
-def _effective(table: HostTable, column: int) -> "tuple[bool, str | None]":
+def effective(table: HostTable, column: int) -> "tuple[bool, str | None]":
     """(healthy, last error) of a column as the table has it now."""
     polled_at = table.float(column, C_POLLED_AT)
     if not table.word(column, C_POLL_OK):
         if not polled_at:
             return False, None
-        return False, _error_text(table.word(column, C_POLL_REASON),
+        return False, error_text(table.word(column, C_POLL_REASON),
                                   table.word(column, C_POLL_STATUS))
     ejected_until = table.float(column, C_EJECTED_UNTIL)
     if ejected_until and polled_at <= ejected_until:
-        last = _error_text(table.word(column, C_EJECT_REASON), table.word(column, C_EJECT_STATUS))
+        last = error_text(table.word(column, C_EJECT_REASON), table.word(column, C_EJECT_STATUS))
         return False, f"ejected: failed requests in a row (last: {last})"
     if table.float(column, C_DOWN_AT) >= polled_at:
         return False, REASONS[table.word(column, C_DOWN_REASON)]
@@ -199,11 +175,8 @@ def _effective(table: HostTable, column: int) -> "tuple[bool, str | None]":
 class Registry:
     """The backends of the current list, in list order, and which of them are healthy."""
 
-    def __init__(self, table: "HostTable | None" = None, eject_after_failures: int = 0,
-                 eject_seconds: float = 30.0):
+    def __init__(self, table: "HostTable | None" = None):
         self.table = table if table is not None else HostTable.private()
-        self.eject_after_failures = eject_after_failures
-        self.eject_seconds = eject_seconds
         self._backends = {}
         self._by_column = {}
         # Every listed backend, healthy or not; a new tuple only when the list changes.
@@ -268,7 +241,7 @@ class Registry:
         """Copy one backend's column into its attributes; True if routing must see it anew."""
         table, column = self.table, backend.column
         backend.version = table.word(column, C_VERSION)
-        healthy, error = _effective(table, column)
+        healthy, error = effective(table, column)
         polled_at = table.float(column, C_POLLED_AT)
         backend.last_checked_at = polled_at or None
         backend.last_error = error
@@ -298,7 +271,7 @@ class Registry:
         changed, self._changed = self._changed, Event()
         changed.set()
 
-    def _update(self, backend: Backend) -> None:
+    def update(self, backend: Backend) -> None:
         """Mirror `backend` now, after this worker wrote its column."""
         self.table.changed(backend.column)
         if self._mirror(backend):
@@ -328,7 +301,7 @@ class Registry:
         """The result of polling `backend` (its poll owner): healthy or not, why not (a failure
         reason of `upstream.failure_reason`, or the HTTP status), and the load figures read."""
         table, column = self.table, backend.column
-        was_healthy, _ = _effective(table, column)
+        was_healthy, _ = effective(table, column)
         was_polled = bool(table.float(column, C_POLLED_AT))
         ejected_until = table.float(column, C_EJECTED_UNTIL)
         figures = figures or {}
@@ -341,7 +314,7 @@ class Registry:
         table.set_word(column, C_POLL_STATUS, status)
         table.set_word(column, C_POLL_OK, int(healthy))
         table.set_float(column, C_POLLED_AT, time.time())
-        is_healthy, error = _effective(table, column)
+        is_healthy, error = effective(table, column)
         if is_healthy != was_healthy or not was_polled:
             if is_healthy and ejected_until and was_polled:
                 log.info("backend %s returned after its ejection", backend.url)
@@ -349,61 +322,22 @@ class Registry:
                 log.info("backend %s is healthy", backend.url)
             else:
                 log.warning("backend %s is unhealthy (%s)", backend.url, error)
-        self._update(backend)
+        self.update(backend)
 
     def write_models(self, backend: Backend, body: "bytes | None") -> None:
         """The body of the backend's `/v1/models` answer, or None when it could not be read."""
         self.table.write_models(backend.column, body, time.time())
-        self._update(backend)
+        self.update(backend)
 
     def mark_unreachable(self, backend: Backend, reason: str) -> None:
         """A request could not connect: out of rotation until a poll succeeds."""
         table, column = self.table, backend.column
-        was_healthy, _ = _effective(table, column)
+        was_healthy, _ = effective(table, column)
         table.set_word(column, C_DOWN_REASON, reason_code(reason))
         table.set_float(column, C_DOWN_AT, time.time())
         if was_healthy:
             log.warning("backend %s is unhealthy (%s)", backend.url, reason)
-        self._update(backend)
-
-    def record_outcome(self, backend: Backend, failure: "str | None", status: int = 0) -> None:
-        """How a request sent to `backend` went: `failure` (a failure reason, or the backend's
-        own 500, 502 or 504 as `status`) or None for an answer. EJECT_AFTER_FAILURES of them in a
-        row eject the backend, never more than half of the list at once."""
-        table, column = self.table, backend.column
-        if failure is None and not status:
-            if table.word(column, C_FAILURES):
-                table.set_word(column, C_FAILURES, 0)
-            return
-        failures = table.word(column, C_FAILURES) + 1
-        table.set_word(column, C_FAILURES, failures)
-        table.set_word(column, C_LAST_FAILURE, reason_code(failure) if failure else 0)
-        table.set_word(column, C_LAST_FAILURE_STATUS, status)
-        if not self.eject_after_failures or failures < self.eject_after_failures:
-            return
-        now = time.time()
-        if not _effective(table, column)[0]:
-            return  # already out of rotation
-        ejected = sum(1 for other in self.listed
-                      if table.float(other.column, C_EJECTED_UNTIL) > now)
-        if ejected + 1 > len(self.listed) // 2:
-            return
-        last_until = table.float(column, C_EJECTED_UNTIL)
-        last_seconds = table.float(column, C_EJECT_SECONDS)
-        # Ejected again soon after its return (within its last ejection's length): twice as long.
-        seconds = self.eject_seconds
-        if last_until and now - last_until < last_seconds:
-            seconds = min(last_seconds * 2, MAX_EJECT_SECONDS)
-        table.set_word(column, C_FAILURES, 0)
-        table.set_word(column, C_EJECT_REASON, table.word(column, C_LAST_FAILURE))
-        table.set_word(column, C_EJECT_STATUS, status)
-        table.set_float(column, C_EJECT_SECONDS, seconds)
-        table.set_float(column, C_EJECTED_UNTIL, now + seconds)
-        telemetry.ejected(backend.url)
-        log.warning("backend %s ejected for %g s after %d failed requests in a row (last: %s)",
-                    backend.url, seconds, failures, _error_text(reason_code(failure)
-                                                                if failure else 0, status))
-        self._update(backend)
+        self.update(backend)
 
     # --- waiting -------------------------------------------------------------------------------
 
@@ -445,9 +379,5 @@ def shared() -> Registry:
     """This worker's registry over the instance's host table."""
     global _shared
     if _shared is None:
-        from . import settings
-
-        loaded = settings.current()
-        _shared = Registry(host_table.shared(), loaded.eject_after_failures,
-                           loaded.eject_seconds)
+        _shared = Registry(host_table.shared())
     return _shared

@@ -7,18 +7,17 @@ token limits.
   (`JsonTap`), and only those are searched, never the whole body.
 - **Streams** of `/v1/chat/completions` and `/v1/completions` carry usage in one event of their
   own, `choices` empty, just before `data: [DONE]`, when the request asked for it
-  (`stream_options.include_usage`). When it did not, the forwarder asks for it (`ask_for_usage`)
-  and takes that event out again (`StreamTap`), so the client receives exactly the events it
-  would have received. A `/v1/responses` stream always ends with its usage, in
-  `response.completed`, which is read as it passes. Only relayed chunks that hold `"usage":{`
-  are looked into.
+  (`stream_options.include_usage`). When it did not, the forwarder asks for it
+  (`relay.request_body.ask_for_usage`) and takes that event out again (`StreamTap`), so the
+  client receives exactly the events it would have received. A `/v1/responses` stream always
+  ends with its usage, in `response.completed`, which is read as it passes. Only relayed chunks
+  that hold `"usage":{` are looked into.
 - `model` is the request's, or else the answer's; metrics label it only when the fleet serves it.
 """
 
 import json
 import re
 
-from .json_bodies import encoded
 
 # The endpoints whose streams carry usage in an event of their own only when asked to (the
 # forwarder asks), and whose first event is the first token.
@@ -41,29 +40,6 @@ _PROMPT_TOKENS = re.compile(rb'"(?:prompt|input)_tokens"\s*:\s*(\d+)')
 _COMPLETION_TOKENS = re.compile(rb'"(?:completion|output)_tokens"\s*:\s*(\d+)')
 _USAGE_START = b'"usage":{'
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
-
-
-_ASK = b'"stream_options":{"include_usage":true},'
-
-
-def ask_for_usage(document: dict, body: bytes) -> "bytes | None":
-    """Make a streamed chat or completions request (its `document`, parsed from `body`, a JSON
-    object) ask for its usage: the body to send instead, or None when it needs no change. A body
-    without `stream_options` keeps every byte it had, the option written in after its `{`;
-    only one whose options lack `include_usage` is written anew. `document` gains the option
-    too, so that a later rewrite of it (`FORCED_MODEL_NAME`) keeps it."""
-    if document.get("stream") is not True:
-        return None
-    options = document.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage"):
-        return None
-    if options is not None and not isinstance(options, dict):
-        return None  # not vLLM's shape: the backend will say what is wrong
-    document["stream_options"] = {**(options or {}), "include_usage": True}
-    if options is not None:
-        return encoded(document)
-    start = body.index(b"{") + 1
-    return body[:start] + _ASK + body[start:]
 
 
 def _tokens(data: bytes, at: int) -> "tuple[int, int] | None":

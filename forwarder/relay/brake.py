@@ -19,7 +19,8 @@ and the instance's queue for the requests that find every candidate at that limi
   wait is interrupted by its client watch).
 
 The body is parsed for `priority` only when its request has to wait. With no limit set, nothing
-here runs.
+here runs. Every time the brake decides on comes from its `clock` (monotonic: the same in every
+worker of a host), so its rules are tested with a fake one.
 """
 
 import bisect
@@ -30,54 +31,28 @@ import time
 import gevent
 import gevent.event
 
-from . import telemetry
-from .errors import error_response
-from .host_table import (READY, S_HEAD_ARRIVAL, S_HEAD_PRIORITY, S_HEAD_TURN, S_QUEUE_SINCE,
-                         S_QUEUED, S_STATE, STARTING)
+from ..errors import Rejected
+from ..host.table import (READY, S_HEAD_ARRIVAL, S_HEAD_PRIORITY, S_HEAD_TURN, S_QUEUE_SINCE,
+                          S_QUEUED, S_STATE, STARTING)
+from ..observe import metrics
 
 # How often a worker with requests waiting looks for a backend that freed up (its own releases
-# are seen at once).
+# are seen at once), and for requests to refuse.
 TICK_SECONDS = 0.005
 
 
-class Rejected(Exception):
-    """The request is refused before it reached a backend; `response()` is the 429."""
-
-    MESSAGES = {
-        "queue_full": "Too many requests are waiting for a backend (MAX_QUEUED_REQUESTS).",
-        "queue_timeout": "The request waited too long for a backend (QUEUE_TIMEOUT_SECONDS).",
-        "queue_overload": "The fleet is overloaded: requests wait longer than "
-                          "QUEUE_TARGET_SECONDS for a backend.",
-        "key_max_concurrent": "This API key has as many requests in flight as it may "
-                              "(max_concurrent).",
-        "key_requests_per_minute": "This API key has sent as many requests as it may this "
-                                   "minute (requests_per_minute).",
-        "key_tokens_per_minute": "This API key has used as many tokens as it may this minute "
-                                 "(tokens_per_minute).",
-    }
-
-    def __init__(self, reason: str, retry_after: int):
-        super().__init__(self.MESSAGES[reason])
-        self.reason = reason
-        self.retry_after = retry_after
-
-    def response(self):
-        response = error_response(429, str(self))
-        response.headers["Retry-After"] = str(self.retry_after)
-        return response
+def _order(entry) -> tuple:
+    return entry.order
 
 
-def _key(waiter) -> tuple:
-    return waiter.key
+class QueueEntry:
+    """One request waiting in a worker's queue."""
 
+    __slots__ = ("order", "queued_at", "candidates", "event", "refused", "client", "priority")
 
-class _Waiter:
-    __slots__ = ("key", "arrived", "queued_at", "candidates", "event", "refused", "client",
-                 "priority")
-
-    def __init__(self, key, arrived, queued_at, candidates, client, priority):
-        self.key = key
-        self.arrived = arrived
+    def __init__(self, order, queued_at, candidates, client, priority):
+        # (priority, turn, first queued at, arrival number): the queue's order.
+        self.order = order
         self.queued_at = queued_at
         self.candidates = candidates
         self.client = client
@@ -86,7 +61,7 @@ class _Waiter:
         self.refused = None
 
 
-class Admission:
+class Brake:
     """One worker's part of the brake."""
 
     def __init__(self, settings, table, clock=time.monotonic):
@@ -99,12 +74,8 @@ class Admission:
         self.clock = clock
         self._queue = []  # in order: the head first
         self._turns = {}  # (priority, client) -> requests of that client waiting
-        self._order = itertools.count()
+        self._arrivals = itertools.count()
         self._ticker = None
-
-    @property
-    def limited(self) -> bool:
-        return self.limit > 0
 
     def with_room(self, members) -> tuple:
         """The members with room for one more request."""
@@ -115,13 +86,14 @@ class Admission:
         """Whether a request that found room must still queue behind the instance's waiters."""
         return self.table.slot_sum(S_QUEUED) > 0
 
-    def wait(self, candidates, priority_of, client: str, waiting,
+    def wait(self, ledger, candidates, priority_of, client: str, waiting,
              since: "float | None" = None) -> float:
-        """Queue the request until a backend it may go to has room (then return: it picks
-        again), or refuse it (`Rejected`). `candidates()` gives the backends it may go to now
-        (a tuple); `priority_of()` gives its priority (called once, now); `waiting` is entered
-        around the wait; `since` is when it first queued, for a request that comes back to the
-        queue (the room it was woken for was taken meanwhile). Returns when it first queued."""
+        """Queue the request of `ledger` until a backend it may go to has room (then return: it
+        picks again), or refuse it (`Rejected`). `candidates()` gives the backends it may go to
+        now (a tuple); `priority_of()` gives its priority (called once, now); `waiting` is
+        entered around the wait; `since` is when it first queued, for a request that comes back
+        to the queue (the room it was woken for was taken meanwhile). Returns when it first
+        queued."""
         now = self.clock()
         if since is None and self.table.slot_sum(S_QUEUED) >= self.max_queued:
             self._refuse("queue_full", 0.0)
@@ -130,39 +102,29 @@ class Admission:
         turn = self._turns.get(turn_key, 0)
         self._turns[turn_key] = turn + 1
         queued_at = now if since is None else since
-        waiter = _Waiter((priority, turn, queued_at, next(self._order)), time.time(),
-                         queued_at, candidates, client, priority)
-        bisect.insort(self._queue, waiter, key=_key)
-        self._publish()
-        self._hand_out()
-        if self._ticker is None:
-            self._ticker = gevent.spawn(self._tick)
+        entry = QueueEntry((priority, turn, queued_at, next(self._arrivals)), queued_at,
+                           candidates, client, priority)
+        bisect.insort(self._queue, entry, key=_order)
+        ledger.join_queue(self, entry)
         try:
+            self._publish()
+            self._hand_out()
+            if self._ticker is None:
+                self._ticker = gevent.spawn(self._tick_while_waiting)
             with waiting:
-                waiter.event.wait(max(0.0, queued_at + self.timeout - now))
+                entry.event.wait()
         finally:
-            self._remove(waiter)
-        if waiter.refused:
-            self._refuse(waiter.refused, self.clock() - queued_at)
-        if not waiter.event.is_set():
-            self._refuse("queue_timeout", self.clock() - queued_at)
-        telemetry.queue_waited(self.clock() - queued_at)
+            ledger.leave_queue()
+        waited = self.clock() - queued_at
+        if entry.refused:
+            self._refuse(entry.refused, waited)
+        metrics.queue_waited(waited)
         return queued_at
 
-    def notify(self) -> None:
-        """A backend may have freed up in this worker: look at the queue now."""
-        if self._queue and self._ticker is not None:
-            self._hand_out()
-
-    def _refuse(self, reason: str, waited: float):
-        telemetry.rejected(reason)
-        if reason != "queue_full":
-            telemetry.queue_waited(waited)
-        raise Rejected(reason, self.retry_after)
-
-    def _remove(self, waiter: _Waiter) -> None:
-        self._queue.remove(waiter)
-        turn_key = (waiter.priority, waiter.client)
+    def remove(self, entry: QueueEntry) -> None:
+        """`entry` leaves the queue (`Ledger.leave_queue`)."""
+        self._queue.remove(entry)
+        turn_key = (entry.priority, entry.client)
         left = self._turns.get(turn_key, 1) - 1
         if left:
             self._turns[turn_key] = left
@@ -170,42 +132,62 @@ class Admission:
             self._turns.pop(turn_key, None)
         self._publish()
 
+    def notify(self) -> None:
+        """A backend may have freed up in this worker: look at the queue now."""
+        if self._queue and self._ticker is not None:
+            self._hand_out()
+
+    def tick(self) -> None:
+        """Refuse what waited too long, and wake what may go."""
+        self._refuse_late()
+        self._hand_out()
+
+    def _tick_while_waiting(self) -> None:
+        try:
+            while self._queue:
+                self.tick()
+                gevent.sleep(TICK_SECONDS)
+        finally:
+            self._ticker = None
+
+    def _refuse(self, reason: str, waited: float):
+        metrics.rejected(reason)
+        if reason != "queue_full":
+            metrics.queue_waited(waited)
+        raise Rejected(reason, self.retry_after)
+
     def _publish(self) -> None:
         """This worker's queue as the host table shows it to the others."""
         table = self.table
         queued = len(self._queue)
         if queued and not table.slot_word(table.slot, S_QUEUED):
-            table.set_own_float(S_QUEUE_SINCE, time.time())
+            table.set_own_float(S_QUEUE_SINCE, self.clock())
         table.set_own(S_QUEUED, queued)
         if queued:
             head = self._queue[0]
-            table.set_own(S_HEAD_PRIORITY, head.key[0])
-            table.set_own(S_HEAD_TURN, head.key[1])
-            table.set_own_float(S_HEAD_ARRIVAL, head.arrived)
+            table.set_own(S_HEAD_PRIORITY, head.order[0])
+            table.set_own(S_HEAD_TURN, head.order[1])
+            table.set_own_float(S_HEAD_ARRIVAL, head.queued_at)
 
-    def _tick(self) -> None:
-        try:
-            while self._queue:
-                self._refuse_overload()
-                self._hand_out()
-                gevent.sleep(TICK_SECONDS)
-        finally:
-            self._ticker = None
-
-    def _refuse_overload(self) -> None:
-        """CoDel's rule: once the instance's queue stood for the target, refuse every request
-        that waited that long."""
+    def _refuse_late(self) -> None:
+        """A request that waited QUEUE_TIMEOUT_SECONDS is refused; and CoDel's rule: once the
+        instance's queue stood for the target, every request that waited that long is."""
         table = self.table
-        now = time.time()
+        now = self.clock()
         standing = min((table.slot_float(slot, S_QUEUE_SINCE) for slot in table.live_slots()
                         if table.slot_word(slot, S_QUEUED)), default=now)
-        if now - standing < self.target:
-            return
-        oldest = self.clock() - self.target
-        for waiter in self._queue:
-            if waiter.queued_at <= oldest and not waiter.event.is_set():
-                waiter.refused = "queue_overload"
-                waiter.event.set()
+        overloaded = now - standing >= self.target
+        for entry in self._queue:
+            if entry.event.is_set():
+                continue
+            waited = now - entry.queued_at
+            if waited >= self.timeout:
+                entry.refused = "queue_timeout"
+            elif overloaded and waited >= self.target:
+                entry.refused = "queue_overload"
+            else:
+                continue
+            entry.event.set()
 
     def _hand_out(self) -> None:
         """Wake the waiters that may go now, in order, one per free place, leaving a place to
@@ -220,17 +202,16 @@ class Admission:
                 ahead.append((table.slot_word(slot, S_HEAD_PRIORITY),
                               table.slot_word(slot, S_HEAD_TURN),
                               table.slot_float(slot, S_HEAD_ARRIVAL)))
-        for waiter in self._queue:
-            if waiter.event.is_set():
+        for entry in self._queue:
+            if entry.event.is_set():
                 continue
-            candidates = waiter.candidates()
+            candidates = entry.candidates()
             places = free.get(candidates)
             if places is None:
                 places = sum(max(0, limit - backend.in_flight) for backend in candidates)
-            before = sum(1 for head in ahead
-                         if head < (waiter.key[0], waiter.key[1], waiter.arrived))
+            before = sum(1 for head in ahead if head < entry.order[:3])
             if places - before > 0:
-                waiter.event.set()
+                entry.event.set()
                 places -= 1
             free[candidates] = places
             if not any(free.values()):

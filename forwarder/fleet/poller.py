@@ -1,12 +1,13 @@
 """The health cycle: which backend to poll, when, and what it learnt.
 
-One poller greenlet runs in each gunicorn worker (started by `gunicorn_worker.Worker`), and the
-pollers of one instance share the work through the host table, so that each backend is polled
-once per cycle whatever the number of workers (every poll makes vLLM's API server render its
-`/metrics` on the event loop that also streams its tokens):
+One poller greenlet runs in each gunicorn worker (started by `worker.Worker`), and the pollers of
+one instance share the work through the host table, so that each backend is polled once per
+cycle whatever the number of workers (every poll makes vLLM's API server render its `/metrics`
+on the event loop that also streams its tokens):
 
-- The **list leader**, the lowest ready worker slot, reads the backend list (and the API keys
-  file) every CHECK_INTERVAL_SECONDS, resolves its `dns+` entries and publishes the result.
+- The **list leader**, the lowest ready worker slot, reads the backend list (and, as its
+  `leader_duties`, the API keys file) every CHECK_INTERVAL_SECONDS, resolves its `dns+` entries
+  and publishes the result.
 - Each backend has one **poll owner**, the live worker whose rank among the live workers is the
   backend's column modulo their number. It polls `GET {base}/metrics`: healthy when it answers 200
   within HEALTH_TIMEOUT_SECONDS, its load figures read from the body but never deciding health.
@@ -26,10 +27,11 @@ import gevent
 import gevent.pool
 import urllib3.exceptions
 
-from . import auth, backend_list, discovery, upstream, vllm_metrics
-from .host_table import C_MODELS_READ_AT, DRAINING, READY, S_HEARTBEAT, S_STATE, STARTING
+from .. import upstream
+from ..host.table import C_MODELS_READ_AT, DRAINING, READY, S_HEARTBEAT, S_STATE, STARTING
+from ..watched_file import WatchedFile
+from . import backend_list, discovery, vllm_metrics
 from .registry import Backend, Registry
-from .watched_file import WatchedFile
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +55,11 @@ POLL_USER_AGENT = "vllm-forwarder-health"
 class Poller:
     """This worker's share of the instance's polling, and its registry's mirror of the rest."""
 
-    def __init__(self, registry: Registry, settings):
+    def __init__(self, registry: Registry, settings, leader_duties=()):
         self.registry = registry
         self.table = registry.table
-        self.keys = auth.shared_keys(settings, registry.table)
+        # What else the list leader reads every cycle (the API keys file).
+        self.leader_duties = tuple(leader_duties)
         self.list_file = WatchedFile(settings.ip_list_file, "the backend list")
         self.default_port = settings.backend_default_port
         self.interval = settings.check_interval_seconds
@@ -144,7 +147,8 @@ class Poller:
 
     def publish_list(self) -> None:
         try:
-            self.keys.publish()
+            for duty in self.leader_duties:
+                duty()
             self.reload_list()
             # `dns+` entries are resolved again every cycle, even when the file did not change.
             urls, sources = self.discovery.expand(self.entries)

@@ -1,47 +1,30 @@
-"""Who may use the forwarder, and how much: the API keys, their names and their limits.
+"""The API keys: which bearer tokens open `/v1/*`, their names, and the limits each carries.
 
 - `FORWARDER_API_KEYS`: `KEY` or `NAME:KEY` entries. `API_KEYS_FILE`: named keys with limits,
   one a line, `NAME KEY [max_concurrent=N] [requests_per_minute=N] [tokens_per_minute=N]`, read
   again every poll cycle by the list leader (a bad line is logged and skipped; an unreadable file
-  keeps the last good keys) and shared with every worker through the host table. With either set,
-  every `/v1/*` request needs `Authorization: Bearer <one of them>`, else `401`.
-- `ADMIN_API_KEY`: `/_backends`, `/_status` and `/metrics` need `Authorization: Bearer <it>`.
-- `BACKEND_API_KEY`: the `Authorization` sent to backends in place of the client's.
+  keeps the last good keys) and shared with every worker through the host table.
+- Names, never keys, appear in metrics, logs and `/_status`; a key without a name is `none`
+  there.
+- Keys are kept and compared as SHA-256 digests with `hmac.compare_digest`, against every key
+  whatever the earlier ones gave, so the time an answer takes tells neither which key matched
+  nor how much of a guess was right, nor a key's length.
 
-A key's limits hold per instance, all workers together (the host table's key planes); a key over
-one gets `429` with `Retry-After`. Names, never keys, appear in metrics, logs and `/_status`; a
-key without a name is `none` there.
-
-A refused request never reaches a backend, and a body it carries is not read. Keys are compared
-as SHA-256 digests with `hmac.compare_digest`, against every key whatever the earlier ones gave,
-so the time an answer takes tells neither which key matched nor how much of a guess was right,
-nor a key's length.
+What a key may do is in `limits.py`; who must present one, in `forwarder/access.py`.
 """
 
 import dataclasses
 import hashlib
 import hmac
 import logging
-import math
-import posixpath
 import re
-import time
 
-from flask import Flask, request
-
-from . import environ_keys, telemetry
-from .admission import Rejected
-from .errors import error_response
-from .host_table import (K_IN_FLIGHT, K_REQUESTS_NOW, K_TOKENS_NOW, HostTable)
-from .request_body import refuse_body
-from .settings import KEY_NAME
-from .watched_file import WatchedFile
+from ..host.table import HostTable
+from ..settings import KEY_NAME
+from ..watched_file import WatchedFile
 
 log = logging.getLogger(__name__)
 
-ADMIN_PATHS = frozenset(("/_backends", "/_status", "/_status/data", "/metrics"))
-# The decoded path, however many slashes lead it: the proxy's route and its spellings.
-_V1_PATH = re.compile(r"/*v1(/|$)")
 # The name of a key without one, in metrics, logs and pages.
 NO_NAME = "none"
 LIMITS = ("max_concurrent", "requests_per_minute", "tokens_per_minute")
@@ -168,26 +151,6 @@ class Keys:
         self.sync()
         return self.ring.opened()
 
-    def admit(self, key: Key) -> None:
-        """Count a request of `key` in, or refuse it (`Rejected`) when it is over a limit."""
-        table, column, now = self.table, key.column, time.time()
-        if key.max_concurrent and table.key_sum(K_IN_FLIGHT, column) >= key.max_concurrent:
-            self._refuse("key_max_concurrent", 1)
-        retry = max(1, math.ceil(60 - now % 60))
-        if key.requests_per_minute and table.per_minute(K_REQUESTS_NOW, column, now) \
-                >= key.requests_per_minute:
-            self._refuse("key_requests_per_minute", retry)
-        if key.tokens_per_minute and table.per_minute(K_TOKENS_NOW, column, now) \
-                >= key.tokens_per_minute:
-            self._refuse("key_tokens_per_minute", retry)
-        table.add_key(K_IN_FLIGHT, column, 1)
-        table.count_per_minute(K_REQUESTS_NOW, column, 1, now)
-
-    @staticmethod
-    def _refuse(reason: str, retry_after: int):
-        telemetry.rejected(reason)
-        raise Rejected(reason, retry_after)
-
 
 _shared = None
 
@@ -200,47 +163,3 @@ def shared_keys(settings, table: HostTable) -> Keys:
     return _shared
 
 
-def _is_admin_path(path: str) -> bool:
-    return "/" + posixpath.normpath(path).strip("/") in ADMIN_PATHS
-
-
-def install(app: Flask, settings, keys: Keys, registry) -> None:
-    """Check keys before any view runs, when keys are set (otherwise no hook runs at all). A
-    `/v1/*` request refused is counted like any other (`forwarder_requests_total`, status 401,
-    backend `none`), so that a dashboard shows clients knocking with a wrong key."""
-    admin_keys = KeyRing(((digest(settings.admin_api_key.encode()), True),)) \
-        if settings.admin_api_key else None
-    max_body = settings.max_request_body_bytes
-    if not keys.required and admin_keys is None:
-        return
-
-    @app.before_request
-    def require_key():
-        path = request.path
-        exchange = None
-        if v1 := _V1_PATH.match(path):
-            if not keys.required:
-                return None
-            keys.sync()
-            opened = keys.ring.admits(request.headers.get("Authorization"))
-            if opened is not None:
-                request.environ[environ_keys.KEY] = opened
-                return None
-            exchange = telemetry.Exchange(request.environ, path[v1.end():], registry)
-        elif _is_admin_path(path):
-            if admin_keys is None or admin_keys.admits(request.headers.get("Authorization")):
-                return None
-        else:
-            return None
-        response = error_response(401, "Missing or wrong API key: send it as "
-                                       "`Authorization: Bearer <key>`.")
-        response.headers["WWW-Authenticate"] = "Bearer"
-        if request.content_length or "HTTP_TRANSFER_ENCODING" in request.environ:
-            # The body of a stranger's upload is not read either.
-            response = refuse_body(response, request.environ, max_body)
-        return exchange.finished(response) if exchange is not None else response
-
-
-def backend_authorization(settings) -> "str | None":
-    """The `Authorization` value to send to backends instead of the client's, if any."""
-    return f"Bearer {settings.backend_api_key}" if settings.backend_api_key else None

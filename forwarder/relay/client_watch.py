@@ -18,7 +18,7 @@ import weakref
 
 import gevent
 
-from .compat.server import raw_socket
+from ..compat.server import raw_socket
 
 
 class ClientGone(Exception):

@@ -20,9 +20,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from . import environ_keys
-from .host_table import (B_ERRORS, B_REQUESTS, B_TOKENS, K_ERRORS, K_IN_FLIGHT, K_REQUESTS,
-                         K_TOKENS, K_TOKENS_NOW)
+from .. import environ_keys
+from ..host.table import B_ERRORS, B_REQUESTS, B_TOKENS
 
 # The `/v1/` paths of vLLM and the OpenAI API; a longer path whose start is one of these (an id
 # after it: `models/llama-3`, `responses/resp_1/cancel`) counts as that endpoint, anything else
@@ -128,6 +127,7 @@ _series = {}  # (backend, endpoint, status) -> (requests counter, duration histo
 _ttfb_series = {}  # (backend, endpoint) -> TTFB histogram
 _token_series = {}  # (model, key) -> (prompt tokens counter, completion tokens counter)
 _stream_series = {}  # model -> (time to first token, time per output token) histograms
+_in_flight_series = {}  # backend -> in-flight gauge
 
 
 def endpoint_of(subpath: str) -> str:
@@ -167,11 +167,12 @@ def _stream_series_for(model):
 
 class Exchange:
     """One `/v1` request as the metrics, the access log (`access_log.py`) and the host table's
-    counters see it, counted when it ends: its backend, key, model and token usage."""
+    counters of `/_status` see it, counted when it ends: its backend, key, model and token
+    usage. It only observes: what the request holds is its ledger's (`relay/ledger.py`)."""
 
     __slots__ = ("_environ", "_endpoint", "_started", "_registry", "backend", "_column",
-                 "_first_byte", "_last_byte", "_response", "key", "_key_done", "model", "usage",
-                 "token_stream", "on_first_byte")
+                 "_first_byte", "_last_byte", "_response", "key", "model", "usage",
+                 "token_stream")
 
     def __init__(self, environ: dict, subpath: str, registry):
         self._started = time.perf_counter()
@@ -184,16 +185,13 @@ class Exchange:
         self._first_byte = None
         self._last_byte = None
         self._response = None
-        # The API key (`auth.Key`) counted in for the request, the model it named, what its
-        # answer used (`usage.Usage`), and whether that answer was a stream whose first event is
-        # its first token (chat, completions: the ones TTFT and TPOT are measured on).
+        # The API key (`tenants.keys.Key`) of the request, the model it named, what its answer
+        # used (`tenants.usage.Usage`), and whether that answer was a stream whose first event
+        # is its first token (chat, completions: the ones TTFT and TPOT are measured on).
         self.key = None
-        self._key_done = False
         self.model = None
         self.usage = None
         self.token_stream = False
-        # Called with the first byte of the backend's body.
-        self.on_first_byte = None
 
     @property
     def request_id(self) -> str:
@@ -216,8 +214,6 @@ class Exchange:
         """The first byte of the backend's response body is ready to go to the client."""
         self._first_byte = elapsed = time.perf_counter() - self._started
         self._environ[environ_keys.TTFB] = "%.6f" % elapsed
-        if self.on_first_byte is not None:
-            self.on_first_byte()
 
     def last_byte(self) -> None:
         """The backend's response body has all been relayed (and its usage read)."""
@@ -229,8 +225,6 @@ class Exchange:
             if usage.prompt_tokens is not None:
                 environ[environ_keys.PROMPT_TOKENS] = usage.prompt_tokens
                 environ[environ_keys.COMPLETION_TOKENS] = usage.completion_tokens
-        if self.key is not None and not self._key_done:
-            self._account_key(self._response.status_code >= 500)
 
     def named(self, model: "str | None") -> None:
         """The request names `model`."""
@@ -284,25 +278,6 @@ class Exchange:
             table.add_backend(B_REQUESTS, self._column, 1)
             table.add_backend(B_ERRORS, self._column, int(failed))
             table.add_backend(B_TOKENS, self._column, tokens)
-        if self.key is not None and not self._key_done:
-            self._account_key(failed)
-
-    def _account_key(self, failed: bool) -> None:
-        """The key's share of the request, once: its place freed, its request, error and tokens
-        counted. Done when the backend's body has ended (`last_byte`): for a stream before the
-        client can see the end of the response (gunicorn writes the last chunk after), for a
-        whole answer just after its last byte, so that a client that sends its next request at
-        once finds its place free and its tokens counted (at the close, it could get there
-        first, on the other worker). At the close for a response that ended otherwise."""
-        self._key_done = True
-        table, column, usage = self._registry.table, self.key.column, self.usage
-        table.add_key(K_IN_FLIGHT, column, -1)
-        table.add_key(K_REQUESTS, column, 1)
-        table.add_key(K_ERRORS, column, int(failed))
-        if usage is not None and usage.prompt_tokens is not None:
-            tokens = usage.prompt_tokens + usage.completion_tokens
-            table.add_key(K_TOKENS, column, tokens)
-            table.count_per_minute(K_TOKENS_NOW, column, tokens, time.time())
 
 
 def client_disconnected() -> None:
@@ -325,9 +300,13 @@ def queue_waited(seconds: float) -> None:
     QUEUE_WAIT.observe(seconds)
 
 
-def in_flight_gauge(backend_url: str):
-    """The in-flight gauge of one backend, for `Backend` to move as requests start and end."""
-    return IN_FLIGHT.labels(backend_url)
+def in_flight(backend_url: str):
+    """The in-flight gauge of one backend (this worker's share, summed over workers when
+    scraped), which a request's ledger moves as it takes and gives back the backend's place."""
+    gauge = _in_flight_series.get(backend_url)
+    if gauge is None:
+        gauge = _in_flight_series[backend_url] = IN_FLIGHT.labels(backend_url)
+    return gauge
 
 
 class FleetCollector:

@@ -19,8 +19,10 @@ The rules, in the order `Dispatcher.send` applies them:
   model list read); `502` when the backends it tried failed, else `503`. Candidates that are
   healthy but were all passed over for this request: `502` at once.
 
-Everything the dispatcher touches comes in from outside (the registry, the router, the send, the
-clock), so each rule has a unit test that runs in milliseconds.
+Everything the dispatcher touches comes in from outside (the registry, the policy, the brake, the
+ejection, the send, the clock), so each rule has a unit test that runs in milliseconds. The
+places a request takes on its way (its backend's, its queue's) are its ledger's
+(`ledger.py`).
 """
 
 import contextlib
@@ -28,13 +30,11 @@ import dataclasses
 import time
 from typing import Callable
 
-from . import telemetry, upstream
-from .errors import error_response
-from .registry import WEIGHT_UNITS
-
-# A backend's own answers that count as failures towards its ejection (busy, 429 and 503, and
-# the client's own mistakes, 4xx, never do).
-FAILED_STATUSES = frozenset((500, 502, 504))
+from ..errors import error_response
+from ..fleet.load import WEIGHT_UNITS
+from ..observe import metrics
+from .. import upstream
+from .policies import Request
 
 
 class DispatchFailed(Exception):
@@ -53,48 +53,51 @@ class Outgoing:
     """One request on its way to a backend, as the dispatcher sees it.
 
     `attempt(backend)` sends it to one backend (`upstream.send`'s errors mean what they mean
-    there); `model` and `key` route it, `weight` (`registry.weight_of`) weighs it; `resendable`
-    is False for a body that is streamed from the client; `waiting` is entered around every wait
-    on a backend or for one (the client watch, which interrupts it when the client leaves);
-    `on_attempt(backend)` is called before each send; `priority_of()` and `client` order it in
-    the queue, should it have to wait there."""
+    there); `model` and `session_key` route it, `weight` (`fleet.load.weight_of`) weighs it;
+    `resendable` is False for a body that is streamed from the client; `waiting` is entered
+    around every wait on a backend or for one (the client watch, which interrupts it when the
+    client leaves); `on_attempt(backend)` is called before each send; `priority_of()` and
+    `client` order it in the queue, should it have to wait there; `avoid` are backends it must
+    not go to."""
 
     attempt: Callable
     model: "str | None" = None
-    key: "str | None" = None
+    session_key: "str | None" = None
     weight: int = WEIGHT_UNITS
     resendable: bool = True
     waiting: object = None
     on_attempt: "Callable | None" = None
     priority_of: Callable = lambda: 0
     client: str = ""
+    avoid: tuple = ()
 
 
 class Dispatcher:
-    """Sends requests through one worker's registry, router and brake."""
+    """Sends requests through one worker's registry, policy, brake and ejection."""
 
-    def __init__(self, registry, router, settings, admission=None, clock=time.monotonic):
+    def __init__(self, registry, policy, settings, ejection, brake=None, clock=time.monotonic):
         self.registry = registry
-        self.router = router
-        self.admission = admission
+        self.policy = policy
+        self.ejection = ejection
+        self.brake = brake
         self.no_backend_wait = settings.no_backend_wait_seconds
         self.first_cycle_wait = settings.first_cycle_wait
         self.read_timeout = settings.read_timeout_seconds
         self.clock = clock
 
-    def send(self, request: Outgoing):
+    def send(self, request: Outgoing, ledger):
         """(backend, response) of the first backend that answered `request` with response
-        headers; `DispatchFailed` or `admission.Rejected` otherwise.
+        headers; `DispatchFailed` or `errors.Rejected` otherwise.
 
-        Each outcome counts towards the backend's ejection (`Registry.record_outcome`). The
-        chosen backend's in-flight figures are raised by the request's weight for the response's
-        life: whoever relays it calls `release`."""
+        Each outcome counts towards the backend's ejection. The chosen backend's place is taken
+        in `ledger` for the response's life; a failed attempt gives it back at once."""
         self.registry.sync()  # what the other workers learnt since this worker's last look
         waiting = request.waiting or contextlib.nullcontext()
         model, weight = request.model, request.weight
-        braking = self.admission is not None and self.admission.limited
+        picking = Request(request.session_key, weight)
+        brake = self.brake
         deadline = self.clock() + self.no_backend_wait
-        tried = []  # backends this request may not go to again (until a poll changes the view)
+        tried = list(request.avoid)  # may not go to these again (until a poll changes the view)
         stale_once = set()
         failure = None  # the answer once nothing is left to try
         queued_since = None
@@ -110,33 +113,33 @@ class Dispatcher:
             if not group.members and view.healthy and not attempts:
                 raise DispatchFailed(404, f"The model `{model}` does not exist.")
             members = candidates()
-            if braking and members:
-                roomy = self.admission.with_room(members)
-                if not roomy or (queued_since is None and self.admission.must_wait()):
-                    queued_since = self.admission.wait(candidates, request.priority_of,
-                                                       request.client, waiting, queued_since)
+            if brake is not None and members:
+                roomy = brake.with_room(members)
+                if not roomy or (queued_since is None and brake.must_wait()):
+                    queued_since = brake.wait(ledger, candidates, request.priority_of,
+                                              request.client, waiting, queued_since)
                     continue
                 members = roomy
-            backend = self.router.pick(members, request.key, weight)
+            backend = self._pick(members, picking)
             if backend is None:
                 if not group.members and self._wait_for_a_change(deadline, waiting):
-                    tried = []
+                    tried = list(request.avoid)
                     continue
                 raise failure or DispatchFailed(503, "No healthy backend is available.")
             if attempts:
-                telemetry.retried()
+                metrics.retried()
             attempts += 1
             if request.on_attempt is not None:
                 request.on_attempt(backend)
-            backend.acquire(weight)
+            ledger.take_backend(backend, weight)
             try:
                 with waiting:
                     response = request.attempt(backend)
             except upstream.ConnectFailed as exc:
-                self.release(backend, weight)
+                ledger.give_back_backend()
                 if not exc.stale:
                     self.registry.mark_unreachable(backend, str(exc))
-                    self.registry.record_outcome(backend, str(exc))
+                    self.ejection.record(backend, str(exc))
                     tried.append(backend)
                     failure = DispatchFailed(502, "No backend could be reached.")
                     continue
@@ -148,29 +151,22 @@ class Dispatcher:
                     tried.append(backend)
                 stale_once.add(backend)
             except upstream.UpstreamTimeout:
-                self.release(backend, weight)
-                self.registry.record_outcome(backend, "timeout")
+                ledger.give_back_backend()
+                self.ejection.record(backend, "timeout")
                 raise DispatchFailed(
                     504, f"The backend did not answer within {self.read_timeout:g} s.") from None
             except upstream.UpstreamFailed as exc:
-                self.release(backend, weight)
-                self.registry.record_outcome(backend, str(exc))
+                ledger.give_back_backend()
+                self.ejection.record(backend, str(exc))
                 raise DispatchFailed(502, f"The backend failed before answering: {exc}.") from None
-            except BaseException:
-                self.release(backend, weight)
-                raise
             else:
-                status = response.status
-                self.registry.record_outcome(
-                    backend, None, status if status in FAILED_STATUSES else 0)
+                self.ejection.record(backend, None, response.status)
                 return backend, response
 
-    def release(self, backend, weight: int) -> None:
-        """A request of `weight` sent to `backend` is over: its place may go to a waiter."""
-        backend.release(weight)
-        if self.admission is not None:
-            self.admission.notify()
-
+    def _pick(self, members: tuple, request: Request):
+        if len(members) < 2:
+            return members[0] if members else None
+        return self.policy.pick(members, request)
 
     def _wait_for_a_change(self, deadline: float, waiting) -> bool:
         """No candidate is healthy: wait for the first poll cycle if it is not over (its first
@@ -185,21 +181,3 @@ class Dispatcher:
             return False
         with waiting:
             return registry.wait_for_change(remaining)
-
-
-class Placement:
-    """The place a relayed request holds at its backend, from its answer's headers to its end:
-    its full weight until its first token, one request's after."""
-
-    __slots__ = ("_dispatcher", "_backend", "_weight")
-
-    def __init__(self, dispatcher: Dispatcher, backend, weight: int):
-        self._dispatcher = dispatcher
-        self._backend = backend
-        self._weight = weight
-
-    def prefilled(self) -> None:
-        self._weight = self._backend.prefilled(self._weight)
-
-    def release(self) -> None:
-        self._dispatcher.release(self._backend, self._weight)
