@@ -17,6 +17,28 @@ below) that tests change at run time, and it records what it receives:
 Responses are deterministic for a given request and config (ids derive from the request body),
 so a test can compare bytes relayed by a proxy with bytes fetched straight from the fake.
 Every /v1 response carries `X-Fake-Backend: NAME`; bodies stay exactly vLLM's.
+
+The "model" (`Completion`, `generate`) answers a continuation of one endless text
+S = tok0 tok1 tok2 … (`token_text(i)`), one token per SSE event, as vLLM 0.11 (V1 engine)
+would, in vLLM's own terms:
+- Where it starts: chat with `continue_final_message` continues S after the final message's
+  content when that content is a prefix of S; completions continue S after the longest end of
+  the (string) prompt that is a prefix of S holding at least the whole first token ("Say: tok0
+  tok1 to" goes on with "k2 ", then "tok3 " …); anything else starts at tok0.
+- Where it ends: the model's end of sequence sits after token `tokens` - 1 of S (finish_reason
+  "stop"); a request's max_tokens caps its own events ("length"). A chat request that sets
+  max_tokens / max_completion_tokens has no end of sequence (the limit replaces `tokens`, so a
+  test asks for a long stream with it); a completions request always ends at S's end or its
+  max_tokens, whichever comes first (see `Completion`). `min_tokens` holds the end off.
+- What vLLM refuses (400, its messages): `continue_final_message` with `add_generation_prompt`
+  set true (the request validator), or left out (it defaults to true: the chat template call
+  fails); max_tokens < 1, min_tokens < 0 or > max_tokens, an empty stop string.
+- What vLLM adds: the role chunk first (role "assistant", or the final message's role when
+  `add_generation_prompt` is false), `echo` (chat: the final message's content when its role is
+  the answer's; completions: the prompt), `stop` strings cut as vLLM's detokenizer does (on
+  this request's output only, held back while they might still start), usage on every chunk
+  with `stream_options.continuous_usage_stats`, `reasoning_content` deltas and tool-call deltas
+  (config `reasoning_tokens`, `tool_call`).
 """
 
 if __name__ == "__main__":
@@ -59,10 +81,23 @@ DEFAULTS = {
     "fail_headers": {},  # extra headers on those error responses
     "hang": False,  # /v1 requests are never answered
     "first_byte_delay": 0,  # seconds before /v1 headers are sent
-    "token_delay": 0,  # seconds before each content event of a stream
-    "tokens": 5,  # content events per stream (the request's max_tokens overrides it)
-    "stall_after": None,  # a stream goes silent forever after this many content events
-    "die_after": None,  # the process exits after this many content events of a stream
+    "token_delay": 0,  # seconds before each token event of a stream
+    # the model's answer is this many tokens tok0 … then its end of sequence (finish_reason
+    # "stop"); a chat request's max_tokens / max_completion_tokens replaces it ("length"), a
+    # completions request's max_tokens only cuts it short
+    "tokens": 5,
+    # token events are every event after the role chunk (and echo chunk): content, reasoning,
+    # tool-call deltas, and the event that ends on a stop string; counted per request
+    "stall_after": None,  # a stream goes silent forever after this many token events
+    "die_after": None,  # the process exits after this many token events of a stream
+    # a chat answer begins with this many reasoning tokens "think0 " …, streamed as
+    # `delta.reasoning_content` (vLLM 0.11's name) and returned as `message.reasoning_content`;
+    # they count as completion tokens, against max_tokens, die_after and stall_after
+    "reasoning_tokens": 0,
+    # a chat request with `tools` (tool_choice not "none") is answered with one call of its
+    # named or first tool instead of content: a delta with id, type, name and empty arguments,
+    # then the arguments `{"text": "tok0 … "}` in fragments; finish_reason "tool_calls"
+    "tool_call": False,
     "die_mid_body": False,  # a non-streamed POST answer: half is sent, then the process exits
     "gzip": False,  # non-streamed bodies are gzip-compressed for clients that accept it
     "drop_next": 0,  # this many /v1 requests get their connection closed without a byte of answer
@@ -113,8 +148,168 @@ def dumps(obj):
 
 
 def token_text(i):
-    """The text of content event number i (0-based) of every stream."""
+    """The text of token i (0-based) of the model's answer S = tok0 tok1 tok2 …"""
     return f"tok{i} "
+
+
+def reasoning_text(i):
+    """The text of reasoning token i of a chat answer (config `reasoning_tokens`)."""
+    return f"think{i} "
+
+
+VLLM_DEFAULT_COMPLETION_MAX_TOKENS = 16  # CompletionRequest.max_tokens in vLLM's protocol
+
+
+def continuation_of(text):
+    """Where S goes on after `text` when `text` is a prefix of S: (token index, characters of
+    that token already in `text`); None when it is not a prefix of S."""
+    index = position = 0
+    while position < len(text):
+        token = token_text(index)
+        piece = text[position:position + len(token)]
+        if not token.startswith(piece):
+            return None
+        if len(piece) < len(token):
+            return index, len(piece)
+        position += len(token)
+        index += 1
+    return index, 0
+
+
+def prompt_continuation(prompt):
+    """Where S goes on after a completions prompt: after the longest end of `prompt` that is a
+    prefix of S at least one whole token long; (0, 0) (from the start) when there is none."""
+    start = prompt.find(token_text(0))
+    while start != -1:
+        found = continuation_of(prompt[start:])
+        if found is not None:
+            return found
+        start = prompt.find(token_text(0), start + 1)
+    return 0, 0
+
+
+def find_stop(text, new_chars, stops, include_in_output):
+    """vLLM's stop-string check (`check_stop_strings`, used by the V1 detokenizer after each
+    token): the first stop string, in the request's order, found in the output generated so
+    far, searching only where it could end in the `new_chars` just added. Returns
+    (stop string, length to cut the output to, or -1 for no cut) or None."""
+    for stop in stops:
+        index = text.find(stop, 1 - new_chars - len(stop))
+        if index == -1:
+            continue
+        if include_in_output:
+            index += len(stop)
+            if index >= len(text):
+                return stop, -1
+        return stop, index
+    return None
+
+
+def generate(start=(0, 0), end=None, limit=None, min_tokens=0, reasoning=0, tool_call=None,
+             stops=(), include_stop=False):
+    """The events of one answer, as ("reasoning", text), ("tool", delta) or ("content", text),
+    then one ("finish", finish_reason, stop_reason, text, is_token).
+
+    `start` is where the content takes S up (`continuation_of`), `end` the index of S's token
+    where the end of sequence comes (None: never), `limit` the request's max tokens (None: no
+    cap). Every event but a plain finish is one generated token: `limit` caps them all,
+    `min_tokens` holds the end of sequence and stop strings off until that many are out.
+    Stop strings are checked as vLLM's detokenizer checks them, on the content this request
+    generated (text given in the request is never part of a match); while they might still
+    match, the last (longest stop - 1) characters are held back, so a content event can be "";
+    the finish event carries what was held, cut at the stop string. A finish on a stop string
+    is itself the token that completed it (`is_token`)."""
+    count = 0
+    for i in range(reasoning):
+        if limit is not None and count >= limit:
+            yield "finish", "length", None, "", False
+            return
+        count += 1
+        yield "reasoning", reasoning_text(i)
+    if tool_call is not None:  # vLLM reports "tool_calls" once a tool call has streamed
+        for delta in tool_call:
+            if limit is not None and count >= limit:
+                break
+            count += 1
+            yield "tool", delta
+        yield "finish", "tool_calls", None, "", False
+        return
+    held = max(len(stop) for stop in stops) - 1 if stops and not include_stop else 0
+    text, sent = "", 0
+    index, offset = start
+    while True:
+        if limit is not None and count >= limit:
+            finish = "length"
+            break
+        if end is not None and index >= end and count >= min_tokens:
+            finish = "stop"  # the end of sequence (vLLM's own token is not counted here)
+            break
+        piece = token_text(index)[offset:]
+        index, offset = index + 1, 0
+        count += 1
+        text += piece
+        if stops and count > min_tokens:
+            found = find_stop(text, len(piece), stops, include_stop)
+            if found is not None:
+                stop, cut = found
+                if cut != -1:
+                    text = text[:cut]
+                yield "finish", "stop", stop, text[sent:], True
+                return
+        released = max(sent, len(text) - held)
+        yield "content", text[sent:released]
+        sent = released
+    yield "finish", finish, None, text[sent:], False
+
+
+def chat_refusal(request):
+    """vLLM's answer to a chat request it refuses before generating: (status, error type,
+    message) or None. Checked in vLLM's order: the request validator, the chat template."""
+    flags = request.get("continue_final_message"), request.get("add_generation_prompt")
+    if flags[0] and flags[1]:
+        # ChatCompletionRequest.check_generation_prompt raises in a "before" model validator;
+        # FastAPI's RequestValidationError reaches vLLM's validation_exception_handler, whose
+        # message is str(exc.errors()) (the FastAPI of vLLM 0.11's day gives RequestValidationError
+        # no __str__ of its own), type HTTPStatus.BAD_REQUEST.phrase.
+        problem = ("Cannot set both `continue_final_message` and `add_generation_prompt` "
+                   "to True.")
+        errors = [{"type": "value_error", "loc": ("body",), "msg": f"Value error, {problem}",
+                   "input": request, "ctx": {"error": ValueError(problem)}}]
+        return 400, "Bad Request", str(errors)
+    if flags[0] and "add_generation_prompt" not in request:
+        # The field defaults to true after the validator ran on the raw body: transformers'
+        # apply_chat_template then raises, vLLM's apply_hf_chat_template re-raises it as
+        # ValueError(str(e)) from e, and serving_chat answers f"{e} {e.__cause__}".
+        problem = ("continue_final_message and add_generation_prompt are not compatible. Use "
+                   "continue_final_message when you want the model to continue the final "
+                   "message, and add_generation_prompt when you want to add a header that will "
+                   "prompt it to start a new assistant message instead.")
+        return 400, "BadRequestError", f"{problem} {problem}"
+    return None
+
+
+def sampling_refusal(limit, min_tokens, stops):
+    """vLLM's SamplingParams._verify_args errors the fake can meet (400 BadRequestError)."""
+    if limit is not None and limit < 1:
+        return f"max_tokens must be at least 1, got {limit}."
+    if min_tokens < 0:
+        return f"min_tokens must be greater than or equal to 0, got {min_tokens}."
+    if limit is not None and min_tokens > limit:
+        return f"min_tokens must be less than or equal to max_tokens={limit}, got {min_tokens}."
+    if any(not stop for stop in stops):
+        return "stop cannot contain an empty string."
+    return None
+
+
+def message_text(content):
+    """A message's content as vLLM hands it to a string-format chat template: a string, or
+    the texts of its text parts joined by newlines."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(part.get("text", "") for part in content
+                         if isinstance(part, dict) and part.get("type") == "text")
+    return ""
 
 
 class State:
@@ -319,8 +514,9 @@ class App:
             start_response(f"{status} {http.HTTPStatus(status).phrase}", response_headers)
             return exchange.body(chunks)
 
-        def error(status, message, extra=()):
-            error_type = ERROR_TYPES.get(status, http.HTTPStatus(status).phrase.replace(" ", ""))
+        def error(status, message, extra=(), error_type=None):
+            error_type = error_type or ERROR_TYPES.get(
+                status, http.HTTPStatus(status).phrase.replace(" ", ""))
             return send(status, dumps({"error": {"message": message, "type": error_type,
                                                  "param": None, "code": status}}).encode(),
                         extra=extra)
@@ -335,11 +531,19 @@ class App:
             return error(status, http.HTTPStatus(status).description or "error",
                          list(config["fail_headers"].items()))
         request = exchange.json or {}
+        method, path = environ["REQUEST_METHOD"], environ["PATH_INFO"]
+        chat = (method, path) == ("POST", "/v1/chat/completions")
+        refusal = chat_refusal(request) if chat else None
+        if refusal is not None and refusal[1] == "Bad Request":  # FastAPI's, before the handler
+            status, error_type, message = refusal
+            return error(status, message, error_type=error_type)
         model = request.get("model")
         if config["strict_models"] and model is not None and model not in config["models"]:
             return error(404, f"The model `{model}` does not exist.")
+        if refusal is not None:  # the chat template's, after the model check
+            status, error_type, message = refusal
+            return error(status, message, error_type=error_type)
 
-        method, path = environ["REQUEST_METHOD"], environ["PATH_INFO"]
         if (method, path) == ("GET", "/v1/models"):
             if config["models_status"] != 200:
                 return error(config["models_status"], "models unavailable")
@@ -350,8 +554,10 @@ class App:
                 return error(400, "The request body must be a JSON object.")
             if path == "/v1/embeddings":
                 return send(200, dumps(embeddings(request, exchange.body_hash)).encode())
-            completion = Completion(config, request, path == "/v1/chat/completions",
-                                    exchange.body_hash)
+            completion = Completion(config, request, chat, exchange.body_hash)
+            problem = completion.refusal()
+            if problem is not None:
+                return error(400, problem)
             if request.get("stream"):
                 return send(200, completion.events(exchange), "text/event-stream; charset=utf-8")
             return send(200, dumps(completion.response()).encode())
@@ -377,76 +583,209 @@ class App:
 
 
 class Completion:
-    """A chat or text completion of `tokens` tokens, whole or as vLLM's SSE events."""
+    """A chat or text completion, whole or as vLLM's SSE events, from the model of `generate`.
+
+    Where the answer ends: the end of S comes after token `tokens` - 1. A chat request that
+    sets max_completion_tokens (else max_tokens) has no end of sequence: it gets exactly that
+    many tokens, "length" (the fake's long-standing rule, which tests use for long streams; a
+    continuation that sends the limit less what was sent ends where the first request would
+    have). A completions request ends at S's end ("stop") or at its max_tokens ("length"),
+    whichever comes first, so a continuation carrying vLLM's default of 16 less what was sent
+    ends where the first request did (with `tokens` <= 16). vLLM's completions endpoint has no
+    max_completion_tokens; neither has the fake's.
+
+    `min_tokens`: before that many tokens, neither the end of sequence nor a stop string ends
+    the answer (vLLM's logits processor and detokenizer); past S's end the model simply goes
+    on, tok5 tok6 …, then ends at once.
+
+    prompt_tokens is the fake's estimate len(JSON of messages or prompt) // 4, so the text of
+    a continuation's final assistant message counts in it; completion_tokens counts the token
+    events (the end of sequence is not one)."""
 
     def __init__(self, config, request, chat, body_hash):
         self.config = config
         self.chat = chat
+        self.request = request
         self.model = request.get("model")
-        limit = request.get("max_completion_tokens", request.get("max_tokens"))
-        self.tokens = config["tokens"] if limit is None else limit
-        self.finish_reason = "stop" if limit is None else "length"
-        self.include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
+        self.body_hash = body_hash
+        tokens = config["tokens"]
+        if chat:
+            limit = request.get("max_completion_tokens") or request.get("max_tokens")
+            end = tokens if limit is None else None
+        else:
+            limit = request.get("max_tokens")
+            end = tokens
+        self.limit = limit
+        min_tokens = request.get("min_tokens")
+        self.min_tokens = min_tokens if isinstance(min_tokens, int) else 0
+        stops = request.get("stop")
+        stops = [stops] if isinstance(stops, str) else stops if isinstance(stops, list) else []
+        self.stops = [stop for stop in stops if isinstance(stop, str)]
+        messages = request.get("messages") if chat else None
+        self.role = "assistant"
+        self.echo_text = ""
+        start = (0, 0)
+        if chat:
+            final = messages[-1] if isinstance(messages, list) and messages \
+                and isinstance(messages[-1], dict) else {}
+            final_text = message_text(final.get("content"))
+            if not request.get("add_generation_prompt", True):  # get_chat_request_role
+                self.role = final.get("role", "assistant")
+            if request.get("continue_final_message"):
+                start = continuation_of(final_text) or (0, 0)
+            if request.get("echo") and final.get("role") == self.role:
+                self.echo_text = final_text
+        else:
+            prompt = request.get("prompt")
+            if isinstance(prompt, str):
+                start = prompt_continuation(prompt)
+                if request.get("echo"):
+                    self.echo_text = prompt
+        self.tool_call = self._tool_call() if chat else None
+        self.plan = dict(start=start, end=end, limit=limit, min_tokens=self.min_tokens,
+                         reasoning=config["reasoning_tokens"] if chat else 0,
+                         tool_call=self.tool_call, stops=self.stops,
+                         include_stop=bool(request.get("include_stop_str_in_output")))
+        options = request.get("stream_options")
+        options = options if isinstance(options, dict) else None
+        # vLLM's StreamOptions: include_usage defaults to true once stream_options is given
+        self.include_usage = bool(options is not None and options.get("include_usage", True))
+        self.continuous_usage = self.include_usage and bool(options.get("continuous_usage_stats"))
         prompt = request.get("messages") if chat else request.get("prompt")
-        prompt_tokens = max(1, len(json.dumps(prompt)) // 4)
-        self.usage = {"prompt_tokens": prompt_tokens,
-                      "total_tokens": prompt_tokens + self.tokens,
-                      "completion_tokens": self.tokens}
+        self.prompt_tokens = max(1, len(json.dumps(prompt)) // 4)
         self.head = {"id": ("chatcmpl-" if chat else "cmpl-") + body_hash[:32],
                      "object": "chat.completion.chunk" if chat else "text_completion",
                      "created": CREATED, "model": self.model}
 
-    def response(self):
-        text = "".join(token_text(i) for i in range(self.tokens))
-        usage = {**self.usage, "prompt_tokens_details": None}
-        if self.chat:
-            body = copy.deepcopy(CHAT_TEMPLATE)
-            body.update(id=self.head["id"], model=self.model, usage=usage)
-            body["choices"][0].update(finish_reason=self.finish_reason)
-            body["choices"][0]["message"]["content"] = text
-            return body
-        return {**self.head, "choices": [self._text_choice(text, self.finish_reason)],
-                "service_tier": None, "system_fingerprint": None, "usage": usage,
-                "kv_transfer_params": None}
+    def refusal(self):
+        """vLLM's error for sampling parameters it refuses, or None."""
+        limit = self.limit
+        if limit is None and not self.chat:
+            limit = VLLM_DEFAULT_COMPLETION_MAX_TOKENS
+        if not self.chat and self.echo_text and limit == 0:
+            limit = 1  # vLLM: echo with max_tokens 0 returns the prompt alone
+        return sampling_refusal(limit, self.min_tokens, self.stops)
 
-    def _text_choice(self, text, finish_reason):
+    def _tool_call(self):
+        tools = self.request.get("tools")
+        choice = self.request.get("tool_choice")
+        if not (self.config["tool_call"] and isinstance(tools, list) and tools) \
+                or choice == "none":
+            return None
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name")
+        else:
+            name = ((tools[0] or {}).get("function") or {}).get("name")
+        fragments = ['{"text": "', *(token_text(i) for i in range(self.config["tokens"])),
+                     '"}']
+        first = {"id": "chatcmpl-tool-" + self.body_hash[32:64], "type": "function",
+                 "index": 0, "function": {"name": name, "arguments": ""}}
+        return [first, *({"index": 0, "function": {"arguments": fragment}}
+                         for fragment in fragments)]
+
+    def usage(self, completion_tokens):
+        return {"prompt_tokens": self.prompt_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens,
+                "completion_tokens": completion_tokens}
+
+    def response(self):
+        reasoning, content, deltas, count = [], [], [], 0
+        for step in generate(**self.plan):
+            if step[0] == "finish":
+                _, finish_reason, stop_reason, text, is_token = step
+                content.append(text)
+                count += is_token
+            else:
+                count += 1
+                {"reasoning": reasoning, "content": content, "tool": deltas}[step[0]] \
+                    .append(step[1])
+        text = self.echo_text + "".join(content)
+        usage = {**self.usage(count), "prompt_tokens_details": None}
+        if not self.chat:
+            return {**self.head, "choices": [self._text_choice(text, finish_reason, stop_reason)],
+                    "service_tier": None, "system_fingerprint": None, "usage": usage,
+                    "kv_transfer_params": None}
+        body = copy.deepcopy(CHAT_TEMPLATE)
+        body.update(id=self.head["id"], model=self.model, usage=usage)
+        choice = body["choices"][0]
+        choice.update(finish_reason=finish_reason, stop_reason=stop_reason)
+        message = choice["message"]
+        message.update(role=self.role, content=text,
+                       reasoning_content="".join(reasoning) if reasoning else None)
+        if deltas:
+            arguments = "".join(delta["function"]["arguments"] for delta in deltas)
+            message.update(content=self.echo_text or None, tool_calls=[{
+                "id": deltas[0]["id"], "type": "function",
+                "function": {"name": deltas[0]["function"]["name"], "arguments": arguments}}])
+        return body
+
+    def _text_choice(self, text, finish_reason, stop_reason=None):
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason,
-                "stop_reason": None, "prompt_token_ids": None, "token_ids": None}
+                "stop_reason": stop_reason, "prompt_token_ids": None, "token_ids": None}
 
     def _event(self, choices, **extra):
         tail = {} if self.chat else {"usage": None}
         return f"data: {dumps({**self.head, 'choices': choices, **tail, **extra})}\n\n".encode()
 
-    def _choice(self, text, finish_reason=None):
+    def _chunk_usage(self, completion_tokens):
+        """usage on a chunk with continuous_usage_stats: serving_chat dumps chunks with
+        exclude_unset, serving_completion without (so prompt_tokens_details: null)."""
+        if not self.continuous_usage:
+            return {}
+        usage = self.usage(completion_tokens)
+        return {"usage": usage if self.chat else {**usage, "prompt_tokens_details": None}}
+
+    def _delta_choice(self, delta, finish_reason=None, stop_reason=None):
         if not self.chat:
-            return self._text_choice(text, finish_reason)
-        choice = {"index": 0, "delta": {"content": text}, "logprobs": None,
-                  "finish_reason": finish_reason}
+            return self._text_choice(delta, finish_reason, stop_reason)
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         if finish_reason is not None:
-            choice["stop_reason"] = None
+            choice["stop_reason"] = stop_reason
         choice["token_ids"] = None
         return choice
 
     def events(self, exchange):
-        """The SSE stream, one event per item; stall_after / die_after / token_delay apply."""
+        """The SSE stream, one event per item; stall_after / die_after / token_delay apply to
+        the token events (every event after the role and echo chunks but a plain finish)."""
         config = self.config
         if self.chat:
-            role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+            role = {"index": 0, "delta": {"role": self.role, "content": ""}, "logprobs": None,
                     "finish_reason": None}
-            yield self._event([role], prompt_token_ids=None)
-        for i in range(self.tokens):
-            if exchange.wait(config["token_delay"] or 0):
-                return
-            if i == config["stall_after"]:
-                exchange.wait()
-                return
-            if i == config["die_after"]:
-                print(f"fake vllm {exchange.state.name}: die_after={i}, exiting", flush=True)
-                os._exit(1)
-            yield self._event([self._choice(token_text(i))])
-        yield self._event([self._choice("", self.finish_reason)])
+            yield self._event([role], **self._chunk_usage(0), prompt_token_ids=None)
+            if self.echo_text:  # its own chunk, right after the role's (serving_chat)
+                echo = {"index": 0, "delta": {"content": self.echo_text}, "logprobs": None,
+                        "finish_reason": None}
+                yield self._event([echo], **self._chunk_usage(0))
+        prefix = "" if self.chat else self.echo_text  # the prompt comes with the first text
+        count = 0
+        for step in generate(**self.plan):
+            if step[0] != "finish" or step[4]:
+                if exchange.wait(config["token_delay"] or 0):
+                    return
+                if count == config["stall_after"]:
+                    exchange.wait()
+                    return
+                if count == config["die_after"]:
+                    print(f"fake vllm {exchange.state.name}: die_after={count}, exiting",
+                          flush=True)
+                    os._exit(1)
+                count += 1
+            if step[0] == "finish":
+                _, finish_reason, stop_reason, text, _ = step
+                delta = {} if self.tool_call is not None else {"content": text}
+                choice = self._delta_choice(delta if self.chat else prefix + text,
+                                            finish_reason, stop_reason)
+            elif step[0] == "content":
+                choice = self._delta_choice({"content": step[1]} if self.chat
+                                            else prefix + step[1])
+            elif step[0] == "reasoning":
+                choice = self._delta_choice({"reasoning_content": step[1]})
+            else:
+                choice = self._delta_choice({"tool_calls": [step[1]]})
+            prefix = ""
+            yield self._event([choice], **self._chunk_usage(count))
         if self.include_usage:
-            yield self._event([], usage=self.usage)
+            yield self._event([], usage=self.usage(count))
         yield b"data: [DONE]\n\n"
 
 
