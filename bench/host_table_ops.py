@@ -35,7 +35,7 @@ from forwarder.fleet import vllm_metrics  # noqa: E402
 from forwarder.fleet.load import WEIGHT_UNITS, load  # noqa: E402
 from forwarder.fleet.poller import Poller  # noqa: E402
 from forwarder.fleet.registry import Registry  # noqa: E402
-from forwarder.host.table import S_QUEUED  # noqa: E402
+from forwarder.host.layout import Slot
 from forwarder.relay.brake import Brake  # noqa: E402
 from forwarder.relay.ledger import Ledger  # noqa: E402
 from forwarder.relay.policies import Request, make_policy  # noqa: E402
@@ -115,7 +115,7 @@ def operations(registry: Registry) -> "list[tuple[str, object]]":
         ("HostTable.in_flight (one backend)", lambda: table.in_flight(backend.column)),
         ("HostTable.in_flight_weight (one backend)",
          lambda: table.in_flight_weight(backend.column)),
-        ("HostTable.slot_sum(S_QUEUED)", lambda: table.slot_sum(S_QUEUED)),
+        ("HostTable.slot_sum(Slot.QUEUED)", lambda: table.slot_sum(Slot.QUEUED)),
         ("HostTable.acquire + release", acquire_release),
         ("Ledger: take a backend's place and give it back (with the gauge)",
          ledger_take_give_back),

@@ -56,8 +56,7 @@ import gevent.event
 from . import settings
 from .compat.server import GeventWorker
 from .host import table as host_table
-from .host.table import (DRAINING, READY, S_CONNECTIONS, S_HEARTBEAT, S_STARTED, S_STATE,
-                         STARTING)
+from .host.layout import Slot, SlotState
 from .relay import client_watch
 from .relay.request_body import linger
 
@@ -152,7 +151,7 @@ class Worker(GeventWorker):
         gevent.spawn(status_history.shared(fleet, keys).run_forever)
         self._wait_for(fleet.first_cycle, self.settings.first_cycle_wait)
         if self.alive:
-            self.table.set_own(S_STATE, READY)
+            self.table.set_own(Slot.STATE, SlotState.READY)
         gc.freeze()
         try:
             super().run()
@@ -173,7 +172,7 @@ class Worker(GeventWorker):
         return _IdleWait(self)
 
     def connection_opened(self) -> None:
-        self.table.add_own(S_CONNECTIONS, 1)
+        self.table.add_own(Slot.CONNECTIONS, 1)
         if self._paused is None and self._over_share():
             self.accepting(False)
             self._paused = gevent.get_hub().loop.timer(ACCEPT_CHECK_SECONDS,
@@ -181,7 +180,7 @@ class Worker(GeventWorker):
             self._paused.start(self._check_share)
 
     def connection_closed(self) -> None:
-        self.table.add_own(S_CONNECTIONS, -1)
+        self.table.add_own(Slot.CONNECTIONS, -1)
 
     def _check_share(self) -> None:
         if self.alive and self._over_share():
@@ -197,23 +196,23 @@ class Worker(GeventWorker):
         now = time.time()
         fewest = None
         for slot in table.live_slots():
-            if slot == own or now - table.slot_float(slot, S_HEARTBEAT) > SIBLING_HEARTBEAT_SECONDS:
+            if slot == own or now - table.slot_float(slot, Slot.HEARTBEAT) > SIBLING_HEARTBEAT_SECONDS:
                 continue
-            state = table.slot_word(slot, S_STATE)
-            if state == STARTING and now - table.slot_float(slot, S_STARTED) \
+            state = table.slot_word(slot, Slot.STATE)
+            if state == SlotState.STARTING and now - table.slot_float(slot, Slot.STARTED) \
                     > STARTING_SIBLING_SECONDS:
                 continue
-            if state in (STARTING, READY):
-                connections = table.slot_word(slot, S_CONNECTIONS)
+            if state in (SlotState.STARTING, SlotState.READY):
+                connections = table.slot_word(slot, Slot.CONNECTIONS)
                 fewest = connections if fewest is None else min(fewest, connections)
-        return fewest is not None and table.slot_word(own, S_CONNECTIONS) > fewest + ACCEPT_SLACK
+        return fewest is not None and table.slot_word(own, Slot.CONNECTIONS) > fewest + ACCEPT_SLACK
 
     def after_error_answer(self, client) -> None:
         linger(client, ERROR_LINGER_BYTES)
 
     def handle_exit(self, sig, frame):
         super().handle_exit(sig, frame)
-        self.table.set_own(S_STATE, DRAINING)
+        self.table.set_own(Slot.STATE, SlotState.DRAINING)
         loop = gevent.get_hub().loop
         loop.run_callback(self._drain_idle_waits)
         # The master kills this worker `graceful_timeout` seconds after telling it to stop: with

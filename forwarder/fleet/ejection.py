@@ -4,17 +4,19 @@ outlier detection).
 
 What fails: the connection refused or reset, no response headers within READ_TIMEOUT_SECONDS, the
 backend's own `500`, `502` or `504`. A `4xx`, `429` or `503` (busy is not dead) never counts;
-any answer ends the run. An ejection lasts EJECT_SECONDS, twice the last one's length when the
-backend is ejected again soon after its return (within that length), up to MAX_EJECT_SECONDS;
-the next good poll after it brings the backend back (`Registry.record_poll`). Never more than
-half of the listed backends are out at once.
+any answer ends the run. The run is counted by every worker in its own cells and summed
+(`HostTable.count_failure`); an ejection is decided and written by one worker at a time, under
+the table's ejection lock, so that never more than half of the listed backends are out at once.
+An ejection lasts EJECT_SECONDS, twice the last one's length when the backend is ejected again
+soon after its return (within that length), up to MAX_EJECT_SECONDS; the next good poll after it
+brings the backend back (`Registry.record_poll`).
 """
 
 import logging
 import time
 
-from ..host.table import (C_EJECT_REASON, C_EJECT_SECONDS, C_EJECT_STATUS, C_EJECTED_UNTIL,
-                          C_FAILURES, C_LAST_FAILURE, C_LAST_FAILURE_STATUS, reason_code)
+from ..host.layout import Column
+from ..host.table import Busy, reason_code
 from ..observe import metrics
 from .registry import Registry, effective, error_text
 
@@ -38,37 +40,44 @@ class Ejection:
 
     def record(self, backend, failure: "str | None", status: int = 0) -> None:
         """How a request sent to `backend` went: `failure` (a failure reason of
-        `relay.upstream.failure_reason`), or an answer with `status` (the ones of
-        FAILED_STATUSES count as failures)."""
+        `upstream.failure_reason`), or an answer with `status` (the ones of FAILED_STATUSES
+        count as failures)."""
         table, column = self.registry.table, backend.column
         if failure is None and status not in FAILED_STATUSES:
-            if table.word(column, C_FAILURES):
-                table.set_word(column, C_FAILURES, 0)
+            table.end_failure_run(column)
             return
         status = status if failure is None else 0
-        failures = table.word(column, C_FAILURES) + 1
-        table.set_word(column, C_FAILURES, failures)
-        table.set_word(column, C_LAST_FAILURE, reason_code(failure) if failure else 0)
-        table.set_word(column, C_LAST_FAILURE_STATUS, status)
+        table.set_word(column, Column.LAST_FAILURE, reason_code(failure) if failure else 0)
+        table.set_word(column, Column.LAST_FAILURE_STATUS, status)
+        failures = table.count_failure(column)
         if not self.after_failures or failures < self.after_failures:
             return
+        try:
+            with table.ejecting():
+                self._eject(backend, failures, failure, status)
+        except Busy:
+            pass  # another worker is ejecting one: the next failure tries again
+
+    def _eject(self, backend, failures: int, failure: "str | None", status: int) -> None:
+        table, column = self.registry.table, backend.column
         now = self.clock()
         if not effective(table, column)[0]:
             return  # already out of rotation
         listed = self.registry.listed
-        ejected = sum(1 for other in listed if table.float(other.column, C_EJECTED_UNTIL) > now)
+        ejected = sum(1 for other in listed
+                      if table.float(other.column, Column.EJECTED_UNTIL) > now)
         if ejected + 1 > len(listed) // 2:
             return
-        last_until = table.float(column, C_EJECTED_UNTIL)
-        last_seconds = table.float(column, C_EJECT_SECONDS)
+        last_until = table.float(column, Column.EJECTED_UNTIL)
+        last_seconds = table.float(column, Column.EJECT_SECONDS)
         seconds = self.seconds
         if last_until and now - last_until < last_seconds:
             seconds = min(last_seconds * 2, MAX_EJECT_SECONDS)
-        table.set_word(column, C_FAILURES, 0)
-        table.set_word(column, C_EJECT_REASON, table.word(column, C_LAST_FAILURE))
-        table.set_word(column, C_EJECT_STATUS, status)
-        table.set_float(column, C_EJECT_SECONDS, seconds)
-        table.set_float(column, C_EJECTED_UNTIL, now + seconds)
+        table.end_failure_run(column)
+        table.set_word(column, Column.EJECT_REASON, table.word(column, Column.LAST_FAILURE))
+        table.set_word(column, Column.EJECT_STATUS, status)
+        table.set_float(column, Column.EJECT_SECONDS, seconds)
+        table.set_float(column, Column.EJECTED_UNTIL, now + seconds)
         metrics.ejected(backend.url)
         log.warning("backend %s ejected for %g s after %d failed requests in a row (last: %s)",
                     backend.url, seconds, failures,

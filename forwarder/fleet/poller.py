@@ -28,7 +28,7 @@ import gevent.pool
 import urllib3.exceptions
 
 from .. import upstream
-from ..host.table import C_MODELS_READ_AT, DRAINING, READY, S_HEARTBEAT, S_STATE, STARTING
+from ..host.layout import Column, Slot
 from ..watched_file import WatchedFile
 from . import backend_list, discovery, vllm_metrics
 from .registry import Backend, Registry
@@ -94,12 +94,9 @@ class Poller:
         table = self.table
         now = time.time()
         table.refresh_slots_in_use()
-        table.set_own_float(S_HEARTBEAT, now)
-        owners = self.owners()
-        # The lowest ready worker leads (the lowest starting one, when none is ready yet): a
-        # worker restarted into a lower slot does not take over from a leader at work.
-        ready = [slot for slot in owners if table.slot_word(slot, S_STATE) == READY]
-        leader = bool(owners) and (ready or owners)[0] == table.slot
+        table.set_own_float(Slot.HEARTBEAT, now)
+        owners = table.serving_slots()
+        leader = table.leader() == table.slot
         if leader and not self.leading:
             self.discovery.remember(self.registry.listed)
         self.leading = leader
@@ -137,14 +134,6 @@ class Poller:
             del self.due[url]
             self.polled.pop(url, None)
 
-    def owners(self) -> "list[int]":
-        """The slots that poll: the live workers not draining (the draining ones, when no other
-        is left)."""
-        table = self.table
-        live = table.live_slots()
-        serving = [slot for slot in live if table.slot_word(slot, S_STATE) in (STARTING, READY)]
-        return serving or [slot for slot in live if table.slot_word(slot, S_STATE) == DRAINING]
-
     def publish_list(self) -> None:
         try:
             for duty in self.leader_duties:
@@ -177,7 +166,7 @@ class Poller:
                 return
             figures = vllm_metrics.read_load(body.decode("utf-8", "replace"))
             self.registry.record_poll(backend, True, figures=figures)
-            read_at = self.table.float(backend.column, C_MODELS_READ_AT)
+            read_at = self.table.float(backend.column, Column.MODELS_READ_AT)
             if not was_healthy or time.time() - read_at >= MODEL_LIST_SECONDS:
                 # Read on the connection the `/metrics` poll just kept alive.
                 self.registry.write_models(backend, self.read_models(backend))

@@ -23,13 +23,15 @@ import time
 from gevent.event import Event
 
 from ..host import table as host_table
-from ..host.table import (C_DOWN_AT, C_DOWN_REASON, C_EJECT_REASON, C_EJECT_STATUS,
-                          C_EJECTED_UNTIL, C_IN_FLIGHT_AT_POLL, C_KV_CACHE, C_MODELS_READ_AT,
-                          C_POLL_OK, C_POLL_REASON, C_POLL_STATUS, C_POLLED_AT, C_RUNNING,
-                          C_VERSION, C_WAITING, REASONS, HostTable, reason_code)
+from ..host.layout import BackendCount, Column, Slot
+from ..host.table import REASONS, UNKNOWN, Busy, HostTable, NotLeader, reason_code
 from . import model_lists
 
 log = logging.getLogger("forwarder.backends")
+
+# A column freed by a backend removed from the list goes to a new one only this long after, so
+# that no worker still counts for the old one (and none of its requests is left).
+COLUMN_QUARANTINE_SECONDS = 60.0
 
 
 def _figure(value: float) -> "float | None":
@@ -93,7 +95,7 @@ class Backend:
 
     def reweigh(self, delta: int) -> None:
         """A request in flight here now weighs `delta` more (or less)."""
-        self._table.add_backend(host_table.B_WEIGHT, self.column, delta)
+        self._table.add_backend(BackendCount.WEIGHT, self.column, delta)
 
     def status(self) -> dict:
         """The backend as `/_backends` shows it."""
@@ -157,18 +159,18 @@ class FleetView:
 
 def effective(table: HostTable, column: int) -> "tuple[bool, str | None]":
     """(healthy, last error) of a column as the table has it now."""
-    polled_at = table.float(column, C_POLLED_AT)
-    if not table.word(column, C_POLL_OK):
+    polled_at = table.float(column, Column.POLLED_AT)
+    if not table.word(column, Column.POLL_OK):
         if not polled_at:
             return False, None
-        return False, error_text(table.word(column, C_POLL_REASON),
-                                  table.word(column, C_POLL_STATUS))
-    ejected_until = table.float(column, C_EJECTED_UNTIL)
+        return False, error_text(table.word(column, Column.POLL_REASON),
+                                  table.word(column, Column.POLL_STATUS))
+    ejected_until = table.float(column, Column.EJECTED_UNTIL)
     if ejected_until and polled_at <= ejected_until:
-        last = error_text(table.word(column, C_EJECT_REASON), table.word(column, C_EJECT_STATUS))
+        last = error_text(table.word(column, Column.EJECT_REASON), table.word(column, Column.EJECT_STATUS))
         return False, f"ejected: failed requests in a row (last: {last})"
-    if table.float(column, C_DOWN_AT) >= polled_at:
-        return False, REASONS[table.word(column, C_DOWN_REASON)]
+    if table.float(column, Column.DOWN_AT) >= polled_at:
+        return False, REASONS[table.word(column, Column.DOWN_REASON)]
     return True, None
 
 
@@ -211,12 +213,15 @@ class Registry:
             return
         self._changes = changes
         refresh = False
-        if table.list_version != self._list_version:
-            self._list_version = table.list_version
-            self._mirror_list(table.read_list())
-            refresh = True
+        list_version = table.list_version
+        if list_version != self._list_version:
+            entries = table.read_list()
+            if entries is not None:  # else the last reading stays, until the list is repaired
+                self._list_version = list_version
+                self._mirror_list(entries)
+                refresh = True
         for backend in self.listed:
-            if table.word(backend.column, C_VERSION) != backend.version:
+            if table.version(backend.column) != backend.version:
                 refresh |= self._mirror(backend)
         if refresh:
             self._refresh_view()
@@ -230,6 +235,7 @@ class Registry:
         for column, url, source in entries:
             backend = self._backends.get(url)
             if backend is None or backend.column != column:
+                self.table.adopt_column(column)
                 backend = Backend(url, column, self.table)
             backend.source = source
             backends[url] = backend
@@ -240,25 +246,26 @@ class Registry:
     def _mirror(self, backend: Backend) -> bool:
         """Copy one backend's column into its attributes; True if routing must see it anew."""
         table, column = self.table, backend.column
-        backend.version = table.word(column, C_VERSION)
+        backend.version = table.version(column)
         healthy, error = effective(table, column)
-        polled_at = table.float(column, C_POLLED_AT)
+        polled_at = table.float(column, Column.POLLED_AT)
         backend.last_checked_at = polled_at or None
         backend.last_error = error
-        backend.num_requests_running = _figure(table.float(column, C_RUNNING))
-        backend.num_requests_waiting = _figure(table.float(column, C_WAITING))
-        backend.kv_cache_usage = _figure(table.float(column, C_KV_CACHE))
-        backend.in_flight_at_poll = table.word(column, C_IN_FLIGHT_AT_POLL)
-        ejected_until = table.float(column, C_EJECTED_UNTIL)
+        backend.num_requests_running = _figure(table.float(column, Column.RUNNING))
+        backend.num_requests_waiting = _figure(table.float(column, Column.WAITING))
+        backend.kv_cache_usage = _figure(table.float(column, Column.KV_CACHE))
+        backend.in_flight_at_poll = table.word(column, Column.IN_FLIGHT_AT_POLL)
+        ejected_until = table.float(column, Column.EJECTED_UNTIL)
         backend.ejected_until = ejected_until if not healthy and ejected_until > time.time() \
             else None
         refresh = healthy != backend.healthy
         backend.healthy = healthy
-        backend.models_read = bool(table.float(column, C_MODELS_READ_AT))
+        backend.models_read = bool(table.float(column, Column.MODELS_READ_AT))
         seq = table.models_seq(column)
-        if seq != backend.models_seq and seq % 2 == 0:
-            backend.models_seq = seq
-            entries = model_lists.read_model_list(table.read_models(column))
+        models = table.read_models(column) if seq != backend.models_seq else None
+        if models is not None:
+            backend.models_seq, body = models
+            entries = model_lists.read_model_list(body)
             if entries != backend.model_entries:
                 backend.model_entries = entries
                 backend.models = None if entries is None else tuple(e["id"] for e in entries)
@@ -284,10 +291,12 @@ class Registry:
         now = time.time()
         first = self.table.list_version == 0
         try:
-            added, removed = self.table.write_list(urls, sources, now, quarantine=60.0)
+            added, removed = self.table.write_list(urls, sources, now, COLUMN_QUARANTINE_SECONDS)
         except ValueError as exc:
             log.error("%s: %s; keeping the last list", where, exc)
             return
+        except (Busy, NotLeader):
+            return  # another worker writes it (a new leader, while this one drains)
         for url in added:
             log.info("backend %s added to the list", url)
         for url in removed:
@@ -302,18 +311,18 @@ class Registry:
         reason of `upstream.failure_reason`, or the HTTP status), and the load figures read."""
         table, column = self.table, backend.column
         was_healthy, _ = effective(table, column)
-        was_polled = bool(table.float(column, C_POLLED_AT))
-        ejected_until = table.float(column, C_EJECTED_UNTIL)
+        was_polled = bool(table.float(column, Column.POLLED_AT))
+        ejected_until = table.float(column, Column.EJECTED_UNTIL)
         figures = figures or {}
-        for word, name in ((C_RUNNING, "num_requests_running"),
-                           (C_WAITING, "num_requests_waiting"), (C_KV_CACHE, "kv_cache_usage")):
+        for word, name in ((Column.RUNNING, "num_requests_running"),
+                           (Column.WAITING, "num_requests_waiting"), (Column.KV_CACHE, "kv_cache_usage")):
             value = figures.get(name)
-            table.set_float(column, word, host_table.UNKNOWN if value is None else value)
-        table.set_word(column, C_IN_FLIGHT_AT_POLL, table.in_flight(column))
-        table.set_word(column, C_POLL_REASON, reason_code(reason) if reason else 0)
-        table.set_word(column, C_POLL_STATUS, status)
-        table.set_word(column, C_POLL_OK, int(healthy))
-        table.set_float(column, C_POLLED_AT, time.time())
+            table.set_float(column, word, UNKNOWN if value is None else value)
+        table.set_word(column, Column.IN_FLIGHT_AT_POLL, table.in_flight(column))
+        table.set_word(column, Column.POLL_REASON, reason_code(reason) if reason else 0)
+        table.set_word(column, Column.POLL_STATUS, status)
+        table.set_word(column, Column.POLL_OK, int(healthy))
+        table.set_float(column, Column.POLLED_AT, time.time())
         is_healthy, error = effective(table, column)
         if is_healthy != was_healthy or not was_polled:
             if is_healthy and ejected_until and was_polled:
@@ -326,15 +335,18 @@ class Registry:
 
     def write_models(self, backend: Backend, body: "bytes | None") -> None:
         """The body of the backend's `/v1/models` answer, or None when it could not be read."""
-        self.table.write_models(backend.column, body, time.time())
+        try:
+            self.table.write_models(backend.column, body, time.time())
+        except Busy:
+            return  # a former poll owner writes it this moment; this one writes it next time
         self.update(backend)
 
     def mark_unreachable(self, backend: Backend, reason: str) -> None:
         """A request could not connect: out of rotation until a poll succeeds."""
         table, column = self.table, backend.column
         was_healthy, _ = effective(table, column)
-        table.set_word(column, C_DOWN_REASON, reason_code(reason))
-        table.set_float(column, C_DOWN_AT, time.time())
+        table.set_word(column, Column.DOWN_REASON, reason_code(reason))
+        table.set_float(column, Column.DOWN_AT, time.time())
         if was_healthy:
             log.warning("backend %s is unhealthy (%s)", backend.url, reason)
         self.update(backend)
@@ -362,7 +374,7 @@ class Registry:
 
     def queued(self) -> int:
         """Requests waiting in the instance's queue now."""
-        return self.table.slot_sum(host_table.S_QUEUED)
+        return self.table.slot_sum(Slot.QUEUED)
 
     def status(self) -> dict:
         """The `/_backends` document."""

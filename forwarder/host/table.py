@@ -1,22 +1,35 @@
-"""What the workers of one instance share: one anonymous shared mapping that gunicorn's master makes
-before it forks, so that every worker, later replacements included, sees the same memory.
-
-Nothing in it is guarded by a lock, because every cell has one writer at a time:
+"""What the workers of one instance share: one table in a shared memory file that gunicorn's master
+makes before it forks, so that every worker, later replacements included, maps the same memory.
+Its layout is `layout.py`; every region has one writer at a time, for real:
 
 - **Slots**, one per worker, handed out by the master (`claim_slot` in `pre_fork`, `release_slot`
-  in `child_exit`, which also clears what a dead worker left). A worker writes only its own row:
-  its state, heartbeat, open connections, its queue's length and head, and, per backend column,
-  the requests it has in flight there and their weight. Host-wide figures are sums over slots.
-- **The backend list**, written only by the list leader (the lowest ready slot): which column is
-  which base URL, in list order, under a sequence counter (`list_seq`: odd while writing).
-- **Backend columns**: the last poll (written by the backend's poll owner), the last time a
-  request could not connect (any worker: last writer wins), ejection state, the model list
-  (owner, under its own sequence counter). Each cell is one aligned 8-byte word, written and read
-  whole.
+  in `child_exit`, which also clears what a dead worker had in flight). A worker writes only its
+  own row: state, heartbeat, open connections, its queue's length and head, its changes.
+- **Count planes** (`BackendCount`, `KeyCount`): one cell per worker per column; a worker writes
+  only its own cells and readers sum them (requests in flight and their weight, answers, errors,
+  tokens, a key's requests and tokens per minute, a backend's failures in a row, the writes to a
+  column). No increment of one worker can be lost by another's.
+- **The backend list and the API keys**, written by the list leader (the lowest ready slot)
+  under their own sequence counter and lock (`seqlock.py`): a former leader cannot write, and a
+  writer that dies mid-write leaves a region that readers give up on (they keep their last
+  reading) until the next writer repairs it.
+- **Backend columns**: the last poll (its poll owner writes it), the last time a request could not
+  connect (any worker: last write wins), ejection state (under the ejection lock), the model list
+  (the poll owner, under the column's counter and lock). Each cell is one aligned 8-byte word,
+  written and read whole.
 
-A counter (`changes`) moves on every write a worker's view depends on, so a worker re-reads the
-table only when something changed. Greenlets switch only on I/O, so a worker's own cells need no
-lock either. Floats are seconds of `time.time()`; NaN stands for "unknown".
+What is approximate, and why it is enough: a backend's poll figures are separate words, so a
+reader may see `running` of one poll beside `waiting` of the next; a key's minute is a sliding
+estimate (this minute's count plus the last one's share of the minute not yet passed); a moved
+session's place is shared by every session whose hash falls there (the newest wins), and two
+workers moving one session at once keep the last move; the last failure's reason is the last
+write's.
+
+Every change a worker's view depends on writes a fresh stamp (unique to the writer and the
+moment, never an increment another worker's could undo) into the column's version and the
+table's changes: a worker re-reads the table only when that moved. Greenlets switch only on I/O, so a worker's own
+cells need no lock. Floats are seconds of `time.time()` (the brake's, `time.monotonic()`); NaN
+stands for "unknown".
 """
 
 import math
@@ -24,92 +37,96 @@ import mmap
 import os
 import time
 
-# The most workers one instance runs at once, a reload's old and new ones together.
-MAX_SLOTS = 256
-# The most backends one list may name; entries past it are logged and left out.
-MAX_BACKENDS = 1024
-# The most API keys (FORWARDER_API_KEYS and API_KEYS_FILE together).
-MAX_KEYS = 1024
-KEY_NAME_BYTES = 64
-URL_BYTES = 512
-SOURCE_BYTES = 256
-MODELS_BYTES = 65536
+from .layout import (COLUMN, KEY, KEY_DIGEST_BYTES, KEY_NAME_BYTES, MAGIC, MAX_BACKENDS,
+                     MAX_KEYS, MAX_SLOTS, MODELS_BYTES, MOVED_SESSIONS, REGIONS, SIZE_WORDS,
+                     SOURCE_BYTES, URL_BYTES, WORD, BackendCount, Column, ColumnState, Header,
+                     KeyColumn, KeyCount, Slot, SlotState, FINGERPRINT)
+from .seqlock import Busy, SeqLock
 
 UNKNOWN = math.nan
-
-# Slot states.
-FREE, STARTING, READY, DRAINING = 0, 1, 2, 3
-# Column states.
-UNUSED, LISTED, REMOVED = 0, 1, 2
 
 # The failure reasons a column can hold, by code (0: none).
 REASONS = (None, "connection refused", "timeout", "connection reset", "name not resolved",
            "connection closed", "connection failed", "closed without an answer")
 
-# Header words.
-(_MAGIC, _LIST_SEQ, _LIST_VERSION, _LIST_COUNT, _CHANGES, _POLL_WANTED, _KEYS_SEQ, _KEYS_VERSION,
- _KEYS_COUNT) = range(9)
-_HEADER_WORDS = 16
-_MAGIC_VALUE = 0x766C6C6D66776431
+# The lock bytes of the table's file: the list's, the keys', the ejections', then one per
+# column's model list.
+_LIST_LOCK, _KEYS_LOCK, _EJECTION_LOCK, _MODELS_LOCKS = range(4)
 
-# Slot row words.
-(S_STATE, S_PID, S_STARTED, S_HEARTBEAT, S_CONNECTIONS, S_QUEUED, S_HEAD_PRIORITY, S_HEAD_TURN,
- S_HEAD_ARRIVAL, S_QUEUE_SINCE) = range(10)
-_SLOT_WORDS = 16
-
-# Column words.
-(C_STATE, C_URL_LEN, C_SOURCE_LEN, C_REMOVED_AT, C_POLL_OK, C_POLLED_AT, C_POLL_REASON,
- C_POLL_STATUS, C_RUNNING, C_WAITING, C_KV_CACHE, C_IN_FLIGHT_AT_POLL, C_DOWN_AT, C_DOWN_REASON,
- C_FAILURES, C_LAST_FAILURE, C_LAST_FAILURE_STATUS, C_EJECTED_UNTIL, C_EJECT_SECONDS,
- C_EJECT_REASON, C_EJECT_STATUS, C_MODELS_SEQ, C_MODELS_LEN, C_MODELS_READ_AT, C_VERSION) = range(25)
-_COLUMN_WORDS = 32 + (URL_BYTES + SOURCE_BYTES + MODELS_BYTES) // 8
-_URL_AT = 32 * 8
-_SOURCE_AT = _URL_AT + URL_BYTES
-_MODELS_AT = _SOURCE_AT + SOURCE_BYTES
-
-# Key column words.
-K_STATE, K_NAME_LEN, K_MAX_CONCURRENT, K_REQUESTS_PER_MINUTE, K_TOKENS_PER_MINUTE = range(5)
-_K_DIGEST = 8  # 4 words
-_K_NAME = 12  # KEY_NAME_BYTES // 8 words
-_KEY_WORDS = 24
-
-# Per-slot counters, one plane of [column][slot] words each: a worker writes its own cells.
-# Backend planes: requests in flight, their weight; requests answered, failed, tokens metered.
-B_IN_FLIGHT, B_WEIGHT, B_REQUESTS, B_ERRORS, B_TOKENS = range(5)
-# Key planes: requests in flight; this minute's number and the last one's (the minute in K_MINUTE)
-# of requests and of tokens; requests answered, failed, tokens metered.
-(K_IN_FLIGHT, K_MINUTE, K_REQUESTS_NOW, K_REQUESTS_BEFORE, K_TOKENS_NOW, K_TOKENS_BEFORE,
- K_REQUESTS, K_ERRORS, K_TOKENS) = range(9)
-_BACKEND_PLANES = 5
-_KEY_PLANES = 9
-
-_LIST_AT = _HEADER_WORDS
-_KEY_LIST_AT = _LIST_AT + MAX_BACKENDS
-_SLOTS_AT = _KEY_LIST_AT + MAX_KEYS
-_BACKEND_CELLS_AT = _SLOTS_AT + MAX_SLOTS * _SLOT_WORDS
-_KEY_CELLS_AT = _BACKEND_CELLS_AT + _BACKEND_PLANES * MAX_BACKENDS * MAX_SLOTS
-_COLUMNS_AT = _KEY_CELLS_AT + _KEY_PLANES * MAX_KEYS * MAX_SLOTS
-_KEYS_AT = _COLUMNS_AT + MAX_BACKENDS * _COLUMN_WORDS
-# Affinity's moved sessions: where a session that had to leave its home went, one word a place,
-# a session's place chosen by its hash (a newer session in the same place takes it over).
-MOVED_SESSIONS = 65536
-_MOVED_AT = _KEYS_AT + MAX_KEYS * _KEY_WORDS
-_SIZE_WORDS = _MOVED_AT + MOVED_SESSIONS
+_HEADER = REGIONS["header"].at
+_LIST_AT = REGIONS["list"].at
+_KEY_LIST_AT = REGIONS["key_list"].at
+_SLOTS_AT = REGIONS["slots"].at
+_SLOT_WORDS = REGIONS["slots"].record_words
+_BACKEND_COUNTS_AT = REGIONS["backend_counts"].at
+_KEY_COUNTS_AT = REGIONS["key_counts"].at
+_COLUMNS_AT = REGIONS["columns"].at
+_COLUMN_WORDS = REGIONS["columns"].record_words
+_KEYS_AT = REGIONS["keys"].at
+_KEY_WORDS = REGIONS["keys"].record_words
+_MOVED_AT = REGIONS["moved_sessions"].at
+_URL_AT = COLUMN.text_at("url")
+_SOURCE_AT = COLUMN.text_at("source")
+_MODELS_AT = COLUMN.text_at("models")
+_DIGEST_AT = KEY.text_at("digest")
+_NAME_AT = KEY.text_at("name")
+# A column's floats that start unknown.
+_FIGURES = (Column.RUNNING, Column.WAITING, Column.KV_CACHE)
+# What a worker zeroes of its own cells when a column it counted for goes to a new backend or
+# key (never its requests in flight: a column is reused only once none are left).
+_BACKEND_COUNTS_RESET = (BackendCount.REQUESTS, BackendCount.ERRORS, BackendCount.TOKENS,
+                         BackendCount.FAILURES, BackendCount.FAILURES_EPOCH)
+_KEY_COUNTS_RESET = (KeyCount.MINUTE, KeyCount.REQUESTS_NOW, KeyCount.REQUESTS_BEFORE,
+                     KeyCount.TOKENS_NOW, KeyCount.TOKENS_BEFORE, KeyCount.REQUESTS,
+                     KeyCount.ERRORS, KeyCount.TOKENS)
 
 
-def _backend_cell(plane: int, column: int) -> int:
-    return _BACKEND_CELLS_AT + (plane * MAX_BACKENDS + column) * MAX_SLOTS
+_STAMP_MASK = (1 << 63) - 1
 
 
-def _key_cell(plane: int, column: int) -> int:
-    return _KEY_CELLS_AT + (plane * MAX_KEYS + column) * MAX_SLOTS
+class TableMismatch(Exception):
+    """The mapped table was not made with this layout (a worker of other code than its
+    master's)."""
+
+
+class NotLeader(Exception):
+    """Only the list leader writes the list and the keys."""
+
+
+def _backend_cell(count: int, column: int) -> int:
+    return _BACKEND_COUNTS_AT + (count * MAX_BACKENDS + column) * MAX_SLOTS
+
+
+def _key_cell(count: int, column: int) -> int:
+    return _KEY_COUNTS_AT + (count * MAX_KEYS + column) * MAX_SLOTS
+
+
+def _column_base(column: int) -> int:
+    return _COLUMNS_AT + column * _COLUMN_WORDS
+
+
+def _key_base(column: int) -> int:
+    return _KEYS_AT + column * _KEY_WORDS
+
+
+def _slot_base(slot: int) -> int:
+    return _SLOTS_AT + slot * _SLOT_WORDS
+
+
+def reason_code(reason: "str | None") -> int:
+    """The code of a failure reason (`upstream.failure_reason`'s words)."""
+    try:
+        return REASONS.index(reason)
+    except ValueError:
+        return REASONS.index("connection failed")
 
 
 class HostTable:
-    """The shared mapping, seen through typed views. `slot` is this process's row, or None in the
+    """The shared table, seen through typed views. `slot` is this process's row, or None in the
     master."""
 
-    def __init__(self, memory: mmap.mmap):
+    def __init__(self, fd: int, memory: mmap.mmap):
+        self.fd = fd
         self._memory = memory
         self.bytes = memoryview(memory)
         self.words = self.bytes.cast("q")
@@ -117,12 +134,24 @@ class HostTable:
         self.slot = None
         # Rows in use are the first `_slots_in_use` ones: sums go no further.
         self._slots_in_use = MAX_SLOTS
+        self._list_lock = SeqLock(self.words, _HEADER + Header.LIST_SEQ, fd, _LIST_LOCK)
+        self._keys_lock = SeqLock(self.words, _HEADER + Header.KEYS_SEQ, fd, _KEYS_LOCK)
+        self._ejection_lock = SeqLock(self.words, _HEADER + Header.LIST_SEQ, fd,
+                                      _EJECTION_LOCK)
+        self._models_locks = {}
+        # A failure run's epoch is made of this worker's slot and a number of its own.
+        self._epochs = 0
+        self._last_stamp = 0
 
     @classmethod
     def create(cls) -> "HostTable":
-        """A new, empty table (in gunicorn's master, before the first fork)."""
-        table = cls(mmap.mmap(-1, _SIZE_WORDS * 8))
-        table.words[_MAGIC] = _MAGIC_VALUE
+        """A new, empty table in a memory file of its own (in gunicorn's master, before the
+        first fork)."""
+        fd = os.memfd_create("vllm-forwarder-host-table", os.MFD_CLOEXEC)
+        os.ftruncate(fd, SIZE_WORDS * WORD)
+        table = cls(fd, mmap.mmap(fd, SIZE_WORDS * WORD))
+        table.words[_HEADER + Header.MAGIC] = MAGIC
+        table.words[_HEADER + Header.FINGERPRINT] = FINGERPRINT
         return table
 
     @classmethod
@@ -130,8 +159,15 @@ class HostTable:
         """A table of this process alone (a unit test, a plain WSGI server), slot 0 its own."""
         table = cls.create()
         table.attach(table.claim_slot(), os.getpid())
-        table.set_own(S_STATE, READY)
+        table.set_own(Slot.STATE, SlotState.READY)
         return table
+
+    def check(self) -> None:
+        """TableMismatch unless the table was made with this layout."""
+        header = self.words[_HEADER:_HEADER + len(Header)]
+        if header[Header.MAGIC] != MAGIC or header[Header.FINGERPRINT] != FINGERPRINT:
+            raise TableMismatch("the host table was made by other code (restart, do not "
+                                "reload, after an upgrade)")
 
     # --- slots (the master hands them out) ---------------------------------------------------
 
@@ -139,118 +175,210 @@ class HostTable:
         """The lowest free slot, marked as starting; ValueError when none is free."""
         words = self.words
         for slot in range(MAX_SLOTS):
-            base = _SLOTS_AT + slot * _SLOT_WORDS
-            if words[base + S_STATE] == FREE:
+            base = _slot_base(slot)
+            if words[base + Slot.STATE] == SlotState.FREE:
                 self._clear_slot(slot)
-                words[base + S_STATE] = STARTING
-                self.floats[base + S_STARTED] = time.time()
-                self.floats[base + S_HEARTBEAT] = time.time()
+                words[base + Slot.STATE] = SlotState.STARTING
+                self.floats[base + Slot.STARTED] = time.time()
+                self.floats[base + Slot.HEARTBEAT] = time.time()
                 return slot
         raise ValueError(f"all {MAX_SLOTS} worker slots are taken")
 
     def release_slot(self, slot: int) -> None:
         """The worker of `slot` is gone: what it had in flight, open or queued is over."""
         self._clear_slot(slot)
-        self.words[_SLOTS_AT + slot * _SLOT_WORDS + S_STATE] = FREE
+        self.words[_slot_base(slot) + Slot.STATE] = SlotState.FREE
         self.changed()
 
     def _clear_slot(self, slot: int) -> None:
-        base = _SLOTS_AT + slot * _SLOT_WORDS
-        for word in range(1, _SLOT_WORDS):
-            self.words[base + word] = 0
-        for plane in (B_IN_FLIGHT, B_WEIGHT):
+        base = _slot_base(slot)
+        for word in Slot:
+            if word != Slot.STATE:
+                self.words[base + word] = 0
+        for count in (BackendCount.IN_FLIGHT, BackendCount.WEIGHT):
             for column in range(MAX_BACKENDS):
-                self.words[_backend_cell(plane, column) + slot] = 0
+                self.words[_backend_cell(count, column) + slot] = 0
         for column in range(MAX_KEYS):
-            self.words[_key_cell(K_IN_FLIGHT, column) + slot] = 0
+            self.words[_key_cell(KeyCount.IN_FLIGHT, column) + slot] = 0
 
     def attach(self, slot: int, pid: int) -> None:
         """This process is the worker of `slot`."""
+        self.check()
         self.slot = slot
-        self.words[_SLOTS_AT + slot * _SLOT_WORDS + S_PID] = pid
+        self.words[_slot_base(slot) + Slot.PID] = pid
         self.refresh_slots_in_use()
 
     def refresh_slots_in_use(self) -> None:
         words = self.words
         highest = 0
         for slot in range(MAX_SLOTS):
-            if words[_SLOTS_AT + slot * _SLOT_WORDS + S_STATE] != FREE:
+            if words[_slot_base(slot) + Slot.STATE] != SlotState.FREE:
                 highest = slot + 1
         self._slots_in_use = max(highest, (self.slot or 0) + 1)
 
     def slot_word(self, slot: int, word: int) -> int:
-        return self.words[_SLOTS_AT + slot * _SLOT_WORDS + word]
+        return self.words[_slot_base(slot) + word]
 
     def slot_float(self, slot: int, word: int) -> float:
-        return self.floats[_SLOTS_AT + slot * _SLOT_WORDS + word]
+        return self.floats[_slot_base(slot) + word]
 
     def set_own(self, word: int, value: int) -> None:
-        self.words[_SLOTS_AT + self.slot * _SLOT_WORDS + word] = value
+        self.words[_slot_base(self.slot) + word] = value
 
     def set_own_float(self, word: int, value: float) -> None:
-        self.floats[_SLOTS_AT + self.slot * _SLOT_WORDS + word] = value
+        self.floats[_slot_base(self.slot) + word] = value
 
     def add_own(self, word: int, delta: int) -> None:
-        self.words[_SLOTS_AT + self.slot * _SLOT_WORDS + word] += delta
+        self.words[_slot_base(self.slot) + word] += delta
 
     def live_slots(self) -> "list[int]":
         """The slots of running workers, in order."""
         words = self.words
         return [slot for slot in range(self._slots_in_use)
-                if words[_SLOTS_AT + slot * _SLOT_WORDS + S_STATE] != FREE]
+                if words[_slot_base(slot) + Slot.STATE] != SlotState.FREE]
 
     def slot_sum(self, word: int) -> int:
-        """`word` summed over every live slot (open connections, queued requests)."""
+        """`word` summed over every slot in use (open connections, queued requests)."""
         words = self.words
-        return sum(words[_SLOTS_AT + slot * _SLOT_WORDS + word]
-                   for slot in range(self._slots_in_use))
+        return sum(words[_slot_base(slot) + word] for slot in range(self._slots_in_use))
 
-    # --- in flight, per backend column ---------------------------------------------------------
+    def serving_slots(self) -> "list[int]":
+        """The slots that poll and lead: the live workers not draining (the draining ones,
+        when no other is left)."""
+        live = self.live_slots()
+        serving = [slot for slot in live
+                   if self.slot_word(slot, Slot.STATE) in (SlotState.STARTING, SlotState.READY)]
+        return serving or [slot for slot in live
+                           if self.slot_word(slot, Slot.STATE) == SlotState.DRAINING]
+
+    def leader(self) -> "int | None":
+        """The list leader: the lowest ready slot (the lowest starting one, when none is ready
+        yet), so that a worker restarted into a lower slot does not take over from a leader at
+        work."""
+        serving = self.serving_slots()
+        ready = [slot for slot in serving if self.slot_word(slot, Slot.STATE) == SlotState.READY]
+        return (ready or serving or [None])[0]
+
+    # --- changes ---------------------------------------------------------------------------------
+
+    def changed(self, column: "int | None" = None) -> None:
+        """Tell every worker that something its view depends on was written (in `column`)."""
+        now = max(time.monotonic_ns(), self._last_stamp + 1)
+        self._last_stamp = now
+        stamp = (now << 9 | (MAX_SLOTS if self.slot is None else self.slot)) & _STAMP_MASK
+        if column is not None:
+            self.words[_column_base(column) + Column.VERSION] = stamp
+        self.words[_HEADER + Header.CHANGES] = stamp
+
+    @property
+    def changes(self) -> int:
+        return self.words[_HEADER + Header.CHANGES]
+
+    def version(self, column: int) -> int:
+        """The stamp of the last change to the backend column `column`."""
+        return self.words[_column_base(column) + Column.VERSION]
+
+    # --- counts, per backend column ------------------------------------------------------------
 
     def acquire(self, column: int, weight: int) -> None:
         slot = self.slot
-        self.words[_backend_cell(B_IN_FLIGHT, column) + slot] += 1
-        self.words[_backend_cell(B_WEIGHT, column) + slot] += weight
+        self.words[_backend_cell(BackendCount.IN_FLIGHT, column) + slot] += 1
+        self.words[_backend_cell(BackendCount.WEIGHT, column) + slot] += weight
 
     def release(self, column: int, weight: int) -> None:
         slot = self.slot
-        self.words[_backend_cell(B_IN_FLIGHT, column) + slot] -= 1
-        self.words[_backend_cell(B_WEIGHT, column) + slot] -= weight
+        self.words[_backend_cell(BackendCount.IN_FLIGHT, column) + slot] -= 1
+        self.words[_backend_cell(BackendCount.WEIGHT, column) + slot] -= weight
 
     def in_flight(self, column: int) -> int:
         """Requests every worker has in flight to the backend of `column`."""
-        start = _backend_cell(B_IN_FLIGHT, column)
+        start = _backend_cell(BackendCount.IN_FLIGHT, column)
         return sum(self.words[start:start + self._slots_in_use])
 
     def in_flight_weight(self, column: int) -> int:
-        start = _backend_cell(B_WEIGHT, column)
+        start = _backend_cell(BackendCount.WEIGHT, column)
         return sum(self.words[start:start + self._slots_in_use])
 
-    def add_backend(self, plane: int, column: int, delta: int) -> None:
-        """Add to this worker's cell of a backend plane."""
-        self.words[_backend_cell(plane, column) + self.slot] += delta
+    def add_backend(self, count: int, column: int, delta: int) -> None:
+        """Add to this worker's cell of a backend count."""
+        self.words[_backend_cell(count, column) + self.slot] += delta
 
-    def backend_sum(self, plane: int, column: int) -> int:
-        start = _backend_cell(plane, column)
+    def backend_sum(self, count: int, column: int) -> int:
+        start = _backend_cell(count, column)
         return sum(self.words[start:start + self._slots_in_use])
 
-    def add_key(self, plane: int, column: int, delta: int) -> None:
-        """Add to this worker's cell of a key plane."""
-        self.words[_key_cell(plane, column) + self.slot] += delta
+    def adopt_column(self, column: int) -> None:
+        """This worker now counts for the backend the column holds: its own counts of the
+        column's last backend, if any, are zeroed."""
+        generation = self.words[_column_base(column) + Column.GENERATION]
+        seen = _backend_cell(BackendCount.GENERATION_SEEN, column) + self.slot
+        if self.words[seen] != generation:
+            for count in _BACKEND_COUNTS_RESET:
+                self.words[_backend_cell(count, column) + self.slot] = 0
+            self.words[seen] = generation
 
-    def key_sum(self, plane: int, column: int) -> int:
-        start = _key_cell(plane, column)
+    # --- a backend's failures in a row -----------------------------------------------------------
+
+    def failure_run(self, column: int) -> int:
+        """Failed requests in a row to the backend of `column`, all workers together."""
+        epoch = self.words[_column_base(column) + Column.FAILURE_EPOCH]
+        epochs = _backend_cell(BackendCount.FAILURES_EPOCH, column)
+        counts = _backend_cell(BackendCount.FAILURES, column)
+        words = self.words
+        return sum(words[counts + slot] for slot in range(self._slots_in_use)
+                   if words[epochs + slot] == epoch)
+
+    def count_failure(self, column: int) -> int:
+        """One more failed request to the backend of `column`; the run's length now."""
+        epoch = self.words[_column_base(column) + Column.FAILURE_EPOCH]
+        at_epoch = _backend_cell(BackendCount.FAILURES_EPOCH, column) + self.slot
+        at_count = _backend_cell(BackendCount.FAILURES, column) + self.slot
+        if self.words[at_epoch] != epoch:
+            self.words[at_epoch] = epoch
+            self.words[at_count] = 0
+        self.words[at_count] += 1
+        return self.failure_run(column)
+
+    def end_failure_run(self, column: int) -> None:
+        """A request to the backend of `column` succeeded (or it was ejected): a new run."""
+        if self.failure_run(column):
+            self._epochs += 1
+            self.words[_column_base(column) + Column.FAILURE_EPOCH] = \
+                (self._epochs << 8 | self.slot) & (1 << 62) - 1 or 1
+
+    def ejecting(self):
+        """The ejection lock: held while one worker decides and writes an ejection (`Busy` when
+        another does)."""
+        return self._ejection_lock.exclusive()
+
+    # --- counts, per key column ------------------------------------------------------------------
+
+    def add_key(self, count: int, column: int, delta: int) -> None:
+        """Add to this worker's cell of a key count."""
+        self.words[_key_cell(count, column) + self.slot] += delta
+
+    def key_sum(self, count: int, column: int) -> int:
+        start = _key_cell(count, column)
         return sum(self.words[start:start + self._slots_in_use])
 
-    def per_minute(self, plane_now: int, column: int, now: float) -> float:
-        """A key's requests (K_REQUESTS_NOW) or tokens (K_TOKENS_NOW) over the last 60 s, all
-        workers together: this minute's, plus the last one's in the share of the minute not
+    def adopt_key_column(self, column: int) -> None:
+        """This worker now counts for the key the column holds (see `adopt_column`)."""
+        generation = self.words[_key_base(column) + KeyColumn.GENERATION]
+        seen = _key_cell(KeyCount.GENERATION_SEEN, column) + self.slot
+        if self.words[seen] != generation:
+            for count in _KEY_COUNTS_RESET:
+                self.words[_key_cell(count, column) + self.slot] = 0
+            self.words[seen] = generation
+
+    def per_minute(self, now_count: int, column: int, now: float) -> float:
+        """A key's requests (KeyCount.REQUESTS_NOW) or tokens (TOKENS_NOW) over the last 60 s,
+        all workers together: this minute's, plus the last one's in the share of the minute not
         yet passed (the sliding-window estimate)."""
         minute = int(now // 60)
         into = now / 60 - minute
-        minutes = _key_cell(K_MINUTE, column)
-        current = _key_cell(plane_now, column)
-        before = _key_cell(plane_now + 1, column)
+        minutes = _key_cell(KeyCount.MINUTE, column)
+        current = _key_cell(now_count, column)
+        before = _key_cell(now_count + 1, column)
         words = self.words
         this, last = 0, 0
         for slot in range(self._slots_in_use):
@@ -262,188 +390,216 @@ class HostTable:
                 last += words[current + slot]
         return this + last * (1.0 - into)
 
-    def count_per_minute(self, plane_now: int, column: int, amount: int, now: float) -> None:
-        """Add `amount` to this worker's count of this minute (K_REQUESTS_NOW, K_TOKENS_NOW)."""
+    def count_per_minute(self, now_count: int, column: int, amount: int, now: float) -> None:
+        """Add `amount` to this worker's count of this minute (REQUESTS_NOW, TOKENS_NOW)."""
         minute = int(now // 60)
         slot = self.slot
-        minutes = _key_cell(K_MINUTE, column) + slot
+        minutes = _key_cell(KeyCount.MINUTE, column) + slot
         at = self.words[minutes]
         if at != minute:
-            for plane in (K_REQUESTS_NOW, K_TOKENS_NOW):
-                current = _key_cell(plane, column) + slot
-                self.words[_key_cell(plane + 1, column) + slot] = \
+            for count in (KeyCount.REQUESTS_NOW, KeyCount.TOKENS_NOW):
+                current = _key_cell(count, column) + slot
+                self.words[_key_cell(count + 1, column) + slot] = \
                     self.words[current] if at == minute - 1 else 0
                 self.words[current] = 0
             self.words[minutes] = minute
-        self.words[_key_cell(plane_now, column) + slot] += amount
+        self.words[_key_cell(now_count, column) + slot] += amount
 
     # --- the backend list (the leader writes it) ---------------------------------------------
 
     @property
     def list_version(self) -> int:
-        return self.words[_LIST_VERSION]
+        return self.words[_HEADER + Header.LIST_VERSION]
 
-    def read_list(self) -> "list[tuple[int, str, str | None]]":
-        """(column, base URL, `dns+` source or None) of every listed backend, in list order."""
+    def read_list(self) -> "list[tuple[int, str, str | None]] | None":
+        """(column, base URL, `dns+` source or None) of every listed backend, in list order;
+        None when the list could not be read (a write under way too long, or a dead writer's)."""
+        return self._list_lock.read(self._listed)
+
+    def _listed(self):
         words = self.words
-        while True:
-            seq = words[_LIST_SEQ]
-            if seq % 2 == 0:
-                entries = [(column, self._text(column, _URL_AT, C_URL_LEN),
-                            self._text(column, _SOURCE_AT, C_SOURCE_LEN) or None)
-                           for column in words[_LIST_AT:_LIST_AT + words[_LIST_COUNT]]]
-                if words[_LIST_SEQ] == seq:
-                    return entries
-            time.sleep(0)
+        count = words[_HEADER + Header.LIST_COUNT]
+        return [(column, self._text(_column_base(column), _URL_AT, Column.URL_LEN),
+                 self._text(_column_base(column), _SOURCE_AT, Column.SOURCE_LEN) or None)
+                for column in words[_LIST_AT:_LIST_AT + count]]
 
     def write_list(self, urls: "list[str]", sources: "dict[str, str]",
                    now: float, quarantine: float) -> "tuple[list[str], list[str]]":
         """Make the list exactly `urls` (at most MAX_BACKENDS; ValueError past it): a URL already
         listed keeps its column, a new one takes a column no worker still has requests on that
-        was freed at least `quarantine` seconds ago. (added, removed)."""
-        words = self.words
-        listed = self.read_list()
-        current = {url: column for column, url, _ in listed}
+        was freed at least `quarantine` seconds ago. (added, removed). `NotLeader` unless this
+        worker leads, `Busy` while another process writes."""
         if len(urls) > MAX_BACKENDS:
             raise ValueError(f"more than {MAX_BACKENDS} backends")
-        wanted = set(urls)
-        removed = [url for url in current if url not in wanted]
-        added = [url for url in urls if url not in current]
-        if words[_LIST_VERSION] and not added and not removed and [
-                url for _, url, _ in listed] == urls and all(
-                (source or "") == (sources.get(url) or "") for _, url, source in listed):
-            return [], []
-        words[_LIST_SEQ] += 1
-        try:
-            for url in removed:
-                base = _column_base(current[url])
-                words[base + C_STATE] = REMOVED
-                self.floats[base + C_REMOVED_AT] = now
-            columns = []
-            for url in urls:
-                column = current.get(url)
-                if column is None:
-                    column = self._free_column(now, quarantine)
-                    self._reset_column(column, url)
-                source = sources.get(url) or ""
-                if self._text(column, _SOURCE_AT, C_SOURCE_LEN) != source:
-                    self._write_text(column, _SOURCE_AT, C_SOURCE_LEN, source, SOURCE_BYTES)
-                columns.append(column)
-            self._write_order(_LIST_AT, _LIST_COUNT, _LIST_VERSION, columns)
-        finally:
-            words[_LIST_SEQ] += 1
+        with self._list_lock.exclusive():
+            if self.slot != self.leader():
+                raise NotLeader()
+            repairing = self._list_lock.seq % 2 == 1
+            if repairing:
+                # The order may be half written: the columns themselves say which are listed.
+                listed = [(column, self._text(_column_base(column), _URL_AT, Column.URL_LEN),
+                           None) for column in range(MAX_BACKENDS)
+                          if self.word(column, Column.STATE) == ColumnState.LISTED]
+            else:
+                listed = self._listed()
+            current = {url: column for column, url, _ in listed}
+            wanted = set(urls)
+            removed = [url for url in current if url not in wanted]
+            added = [url for url in urls if url not in current]
+            if not repairing and self.list_version and not added and not removed and [
+                    url for _, url, _ in listed] == urls and all(
+                    (source or "") == (sources.get(url) or "") for _, url, source in listed):
+                return [], []
+            with self._list_lock.write():
+                for url in removed:
+                    base = _column_base(current[url])
+                    self.words[base + Column.STATE] = ColumnState.REMOVED
+                    self.floats[base + Column.REMOVED_AT] = now
+                columns = []
+                for url in urls:
+                    column = current.get(url)
+                    if column is None:
+                        column = self._free_column(now, quarantine)
+                        self._reset_column(column, url)
+                    base = _column_base(column)
+                    source = sources.get(url) or ""
+                    if repairing or self._text(base, _SOURCE_AT, Column.SOURCE_LEN) != source:
+                        self._write_text(base, _SOURCE_AT, Column.SOURCE_LEN, source,
+                                         SOURCE_BYTES)
+                    columns.append(column)
+                self._write_order(_LIST_AT, Header.LIST_COUNT, Header.LIST_VERSION, columns)
         self.changed()
-        return added, removed
+        return [] if repairing else added, [] if repairing else removed
 
     def _write_order(self, at: int, count_word: int, version_word: int, columns) -> None:
         """A list's columns, in order, and a new version of it (under its sequence counter)."""
         words = self.words
         for index, column in enumerate(columns):
             words[at + index] = column
-        words[count_word] = len(columns)
-        words[version_word] += 1
+        words[_HEADER + count_word] = len(columns)
+        words[_HEADER + version_word] += 1
 
     def _free_column(self, now: float, quarantine: float) -> int:
         words, floats = self.words, self.floats
         for column in range(MAX_BACKENDS):
             base = _column_base(column)
-            state = words[base + C_STATE]
-            if state == UNUSED or (state == REMOVED and now - floats[base + C_REMOVED_AT]
-                                   >= quarantine and self.in_flight(column) == 0):
+            state = words[base + Column.STATE]
+            if state == ColumnState.UNUSED or (
+                    state == ColumnState.REMOVED and now - floats[base + Column.REMOVED_AT]
+                    >= quarantine and self.in_flight(column) == 0):
                 return column
         raise ValueError(f"more than {MAX_BACKENDS} backends")
 
     def _reset_column(self, column: int, url: str) -> None:
         base = _column_base(column)
-        for word in range(32):
-            self.words[base + word] = 0
-        for word in (C_RUNNING, C_WAITING, C_KV_CACHE):
+        generation = self.words[base + Column.GENERATION] + 1
+        for word in Column:
+            if word != Column.VERSION:
+                self.words[base + word] = 0
+        self.words[base + Column.GENERATION] = generation
+        for word in _FIGURES:
             self.floats[base + word] = UNKNOWN
-        self._write_text(column, _URL_AT, C_URL_LEN, url, URL_BYTES)
-        self.words[base + C_STATE] = LISTED
+        self._write_text(base, _URL_AT, Column.URL_LEN, url, URL_BYTES)
+        self.words[base + Column.STATE] = ColumnState.LISTED
 
-    def _text(self, column: int, at: int, length_word: int) -> str:
-        start = _column_base(column) * 8 + at
-        length = self.words[_column_base(column) + length_word]
-        return bytes(self.bytes[start:start + length]).decode()
+    def _text(self, base: int, at: int, length_word: int) -> str:
+        start = base * WORD + at
+        return bytes(self.bytes[start:start + self.words[base + length_word]]).decode()
 
-    def _write_text(self, column: int, at: int, length_word: int, text: str, limit: int) -> None:
+    def _write_text(self, base: int, at: int, length_word: int, text: str, limit: int) -> None:
         data = text.encode()[:limit]
-        start = _column_base(column) * 8 + at
+        start = base * WORD + at
         self.bytes[start:start + len(data)] = data
-        self.words[_column_base(column) + length_word] = len(data)
+        self.words[base + length_word] = len(data)
 
     # --- the API keys (the leader writes them) -------------------------------------------------
 
     @property
     def keys_version(self) -> int:
-        return self.words[_KEYS_VERSION]
+        return self.words[_HEADER + Header.KEYS_VERSION]
 
-    def read_keys(self) -> "list[tuple[int, str, bytes, int, int, int]]":
+    def read_keys(self) -> "list[tuple[int, str, bytes, int, int, int]] | None":
         """(column, name, SHA-256 digest, max_concurrent, requests_per_minute,
-        tokens_per_minute) of every key, in order; a limit of 0 is none."""
+        tokens_per_minute) of every key, in order (a limit of 0 is none); None when they could
+        not be read."""
+        return self._keys_lock.read(self._keys)
+
+    def _keys(self):
         words = self.words
-        while True:
-            seq = words[_KEYS_SEQ]
-            if seq % 2 == 0:
-                keys = [self._key(column)
-                        for column in words[_KEY_LIST_AT:_KEY_LIST_AT + words[_KEYS_COUNT]]]
-                if words[_KEYS_SEQ] == seq:
-                    return keys
-            time.sleep(0)
+        count = words[_HEADER + Header.KEYS_COUNT]
+        return [self._key(column) for column in words[_KEY_LIST_AT:_KEY_LIST_AT + count]]
 
     def _key(self, column: int):
-        base = _KEYS_AT + column * _KEY_WORDS
-        at = base * 8
-        name = bytes(self.bytes[at + _K_NAME * 8:at + _K_NAME * 8 + self.words[base + K_NAME_LEN]])
-        digest = bytes(self.bytes[at + _K_DIGEST * 8:at + _K_DIGEST * 8 + 32])
-        return (column, name.decode(), digest, self.words[base + K_MAX_CONCURRENT],
-                self.words[base + K_REQUESTS_PER_MINUTE], self.words[base + K_TOKENS_PER_MINUTE])
+        base = _key_base(column)
+        at = base * WORD
+        name = self._text(base, _NAME_AT, KeyColumn.NAME_LEN)
+        digest = bytes(self.bytes[at + _DIGEST_AT:at + _DIGEST_AT + KEY_DIGEST_BYTES])
+        return (column, name, digest, self.words[base + KeyColumn.MAX_CONCURRENT],
+                self.words[base + KeyColumn.REQUESTS_PER_MINUTE],
+                self.words[base + KeyColumn.TOKENS_PER_MINUTE])
 
-    def write_keys(self, keys: "list[tuple[str, bytes, int, int, int]]") -> bool:
+    def write_keys(self, keys: "list[tuple[str, bytes, int, int, int]]", now: float,
+                   quarantine: float) -> bool:
         """Make the keys exactly `keys`, each (name, digest, max_concurrent,
         requests_per_minute, tokens_per_minute): a key already known (by its digest) keeps its
-        column, and with it its counts; a new one takes a column no worker has requests on.
-        True if anything changed; ValueError past MAX_KEYS."""
-        words = self.words
-        listed = self.read_keys()
-        current = {digest: column for column, _, digest, *_ in listed}
-        if words[_KEYS_VERSION] and [entry[1:] for entry in listed] == \
-                [(name, digest, *limits) for name, digest, *limits in keys]:
-            return False
+        column, and with it its counts; a new one takes a column no worker has requests on,
+        freed at least `quarantine` seconds ago. True if anything changed; ValueError past
+        MAX_KEYS; `NotLeader`, `Busy` as for the list."""
         if len(keys) > MAX_KEYS:
             raise ValueError(f"more than {MAX_KEYS} keys")
-        wanted = {digest for _, digest, *_ in keys}
-        taken = {column for digest, column in current.items() if digest in wanted}
-        words[_KEYS_SEQ] += 1
-        try:
-            columns = []
-            for name, digest, *limits in keys:
-                column = current.get(digest)
-                if column is None:
-                    column = next(c for c in range(MAX_KEYS) if c not in taken
-                                  and c not in current.values()
-                                  and self.key_sum(K_IN_FLIGHT, c) == 0)
-                    taken.add(column)
-                    for plane in range(_KEY_PLANES):
-                        start = _key_cell(plane, column)
-                        for slot in range(MAX_SLOTS):
-                            words[start + slot] = 0
-                base = _KEYS_AT + column * _KEY_WORDS
-                at = base * 8
-                data = name.encode()[:KEY_NAME_BYTES]
-                self.bytes[at + _K_NAME * 8:at + _K_NAME * 8 + len(data)] = data
-                words[base + K_NAME_LEN] = len(data)
-                self.bytes[at + _K_DIGEST * 8:at + _K_DIGEST * 8 + 32] = digest
-                (words[base + K_MAX_CONCURRENT], words[base + K_REQUESTS_PER_MINUTE],
-                 words[base + K_TOKENS_PER_MINUTE]) = limits
-                words[base + K_STATE] = LISTED
-                columns.append(column)
-            self._write_order(_KEY_LIST_AT, _KEYS_COUNT, _KEYS_VERSION, columns)
-        finally:
-            words[_KEYS_SEQ] += 1
+        with self._keys_lock.exclusive():
+            if self.slot != self.leader():
+                raise NotLeader()
+            repairing = self._keys_lock.seq % 2 == 1
+            if repairing:
+                listed = [self._key(column) for column in range(MAX_KEYS)
+                          if self.words[_key_base(column) + KeyColumn.STATE]
+                          == ColumnState.LISTED]
+            else:
+                listed = self._keys()
+            if not repairing and self.keys_version and [entry[1:] for entry in listed] == \
+                    [(name, digest, *limits) for name, digest, *limits in keys]:
+                return False
+            current = {digest: column for column, _, digest, *_ in listed}
+            wanted = {digest for _, digest, *_ in keys}
+            with self._keys_lock.write():
+                for digest, column in current.items():
+                    if digest not in wanted:
+                        base = _key_base(column)
+                        self.words[base + KeyColumn.STATE] = ColumnState.REMOVED
+                        self.floats[base + KeyColumn.REMOVED_AT] = now
+                columns = []
+                for name, digest, *limits in keys:
+                    column = current.get(digest)
+                    if column is None:
+                        column = current[digest] = self._free_key_column(now, quarantine)
+                    self._write_key(column, name, digest, limits)
+                    columns.append(column)
+                self._write_order(_KEY_LIST_AT, Header.KEYS_COUNT, Header.KEYS_VERSION, columns)
         self.changed()
         return True
+
+    def _free_key_column(self, now: float, quarantine: float) -> int:
+        for column in range(MAX_KEYS):
+            base = _key_base(column)
+            state = self.words[base + KeyColumn.STATE]
+            if state == ColumnState.UNUSED or (
+                    state == ColumnState.REMOVED
+                    and now - self.floats[base + KeyColumn.REMOVED_AT] >= quarantine
+                    and self.key_sum(KeyCount.IN_FLIGHT, column) == 0):
+                self.words[base + KeyColumn.GENERATION] += 1
+                return column
+        raise ValueError(f"more than {MAX_KEYS} keys")
+
+    def _write_key(self, column: int, name: str, digest: bytes, limits) -> None:
+        base = _key_base(column)
+        at = base * WORD
+        self._write_text(base, _NAME_AT, KeyColumn.NAME_LEN, name, KEY_NAME_BYTES)
+        self.bytes[at + _DIGEST_AT:at + _DIGEST_AT + KEY_DIGEST_BYTES] = digest
+        (self.words[base + KeyColumn.MAX_CONCURRENT],
+         self.words[base + KeyColumn.REQUESTS_PER_MINUTE],
+         self.words[base + KeyColumn.TOKENS_PER_MINUTE]) = limits
+        self.words[base + KeyColumn.STATE] = ColumnState.LISTED
 
     # --- backend columns -------------------------------------------------------------------------
 
@@ -459,48 +615,47 @@ class HostTable:
     def set_float(self, column: int, word: int, value: float) -> None:
         self.floats[_column_base(column) + word] = value
 
-    def changed(self, column: "int | None" = None) -> None:
-        """Tell every worker that something its view depends on was written (in `column`)."""
-        if column is not None:
-            self.words[_column_base(column) + C_VERSION] += 1
-        self.words[_CHANGES] += 1
-
-    @property
-    def changes(self) -> int:
-        return self.words[_CHANGES]
+    def _models_lock(self, column: int) -> SeqLock:
+        lock = self._models_locks.get(column)
+        if lock is None:
+            lock = self._models_locks[column] = SeqLock(
+                self.words, _column_base(column) + Column.MODELS_SEQ, self.fd,
+                _MODELS_LOCKS + column)
+        return lock
 
     def write_models(self, column: int, body: "bytes | None", now: float) -> bool:
         """Store the backend's `/v1/models` answer (None: unreadable); True if it changed. The
-        writer then calls `changed(column)`."""
+        writer then calls `changed(column)`. `Busy` while another process writes it."""
         base = _column_base(column)
+        lock = self._models_lock(column)
         data = b"" if body is None else body[:MODELS_BYTES]
         length = -1 if body is None or len(body) > MODELS_BYTES else len(data)
-        self.floats[base + C_MODELS_READ_AT] = now
-        if length == self.words[base + C_MODELS_LEN] and (
-                length <= 0 or self.read_models(column) == data):
-            return False
-        self.words[base + C_MODELS_SEQ] += 1
-        start = base * 8 + _MODELS_AT
-        self.bytes[start:start + len(data)] = data
-        self.words[base + C_MODELS_LEN] = length
-        self.words[base + C_MODELS_SEQ] += 1
+        with lock.exclusive():
+            self.floats[base + Column.MODELS_READ_AT] = now
+            repairing = lock.seq % 2 == 1
+            if not repairing and length == self.words[base + Column.MODELS_LEN] and (
+                    length <= 0 or self._models(column) == data):
+                return False
+            with lock.write():
+                start = base * WORD + _MODELS_AT
+                self.bytes[start:start + len(data)] = data
+                self.words[base + Column.MODELS_LEN] = length
         return True
 
-    def read_models(self, column: int) -> "bytes | None":
-        """The stored `/v1/models` answer, or None while unknown or unreadable."""
+    def read_models(self, column: int) -> "tuple[int, bytes | None] | None":
+        """(the model list's sequence number, the stored `/v1/models` answer or None while
+        unknown or unreadable); None when it could not be read."""
+        lock = self._models_lock(column)
+        return lock.read(lambda: (lock.seq, self._models(column)))
+
+    def _models(self, column: int) -> "bytes | None":
         base = _column_base(column)
-        while True:
-            seq = self.words[base + C_MODELS_SEQ]
-            length = self.words[base + C_MODELS_LEN]
-            if seq % 2 == 0:
-                start = base * 8 + _MODELS_AT
-                data = bytes(self.bytes[start:start + max(length, 0)]) if length > 0 else None
-                if self.words[base + C_MODELS_SEQ] == seq:
-                    return data
-            time.sleep(0)
+        length = self.words[base + Column.MODELS_LEN]
+        start = base * WORD + _MODELS_AT
+        return bytes(self.bytes[start:start + length]) if length > 0 else None
 
     def models_seq(self, column: int) -> int:
-        return self.words[_column_base(column) + C_MODELS_SEQ]
+        return self.words[_column_base(column) + Column.MODELS_SEQ]
 
     # --- affinity's moved sessions --------------------------------------------------------------
 
@@ -527,23 +682,11 @@ class HostTable:
 
     def want_polls(self, now: float) -> None:
         """A request waits for a backend: poll the unhealthy ones now."""
-        self.floats[_POLL_WANTED] = now
+        self.floats[_HEADER + Header.POLL_WANTED] = now
 
     @property
     def polls_wanted_at(self) -> float:
-        return self.floats[_POLL_WANTED]
-
-
-def _column_base(column: int) -> int:
-    return _COLUMNS_AT + column * _COLUMN_WORDS
-
-
-def reason_code(reason: "str | None") -> int:
-    """The code of a failure reason (`upstream.failure_reason`'s words)."""
-    try:
-        return REASONS.index(reason)
-    except ValueError:
-        return REASONS.index("connection failed")
+        return self.floats[_HEADER + Header.POLL_WANTED]
 
 
 _table = None
@@ -555,3 +698,7 @@ def shared() -> HostTable:
     if _table is None:
         _table = HostTable.create()
     return _table
+
+
+__all__ = ("Busy", "HostTable", "NotLeader", "REASONS", "TableMismatch", "UNKNOWN",
+           "reason_code", "shared")

@@ -21,7 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from .. import environ_keys
-from ..host.table import B_ERRORS, B_REQUESTS, B_TOKENS
+from ..host.layout import BackendCount
 
 # The `/v1/` paths of vLLM and the OpenAI API; a longer path whose start is one of these (an id
 # after it: `models/llama-3`, `responses/resp_1/cancel`) counts as that endpoint, anything else
@@ -275,9 +275,9 @@ class Exchange:
                                  / (usage.completion_tokens - 1))
         failed = status >= 500 or environ.get(environ_keys.CUT) in _BACKEND_CUTS
         if self._column is not None:
-            table.add_backend(B_REQUESTS, self._column, 1)
-            table.add_backend(B_ERRORS, self._column, int(failed))
-            table.add_backend(B_TOKENS, self._column, tokens)
+            table.add_backend(BackendCount.REQUESTS, self._column, 1)
+            table.add_backend(BackendCount.ERRORS, self._column, int(failed))
+            table.add_backend(BackendCount.TOKENS, self._column, tokens)
 
 
 def client_disconnected() -> None:

@@ -12,7 +12,7 @@ import time
 
 import gevent
 
-from ..host.table import B_ERRORS, B_REQUESTS, B_TOKENS, K_ERRORS, K_REQUESTS, K_TOKENS
+from ..host.layout import BackendCount, KeyCount
 
 SAMPLE_SECONDS = 10.0
 # Ten minutes of samples.
@@ -39,14 +39,14 @@ class Recorder:
         table = self.registry.table
         self.registry.sync()
         self.keys.sync()
-        backends = {b.url: (table.backend_sum(B_REQUESTS, b.column),
-                            table.backend_sum(B_ERRORS, b.column),
-                            table.backend_sum(B_TOKENS, b.column))
+        backends = {b.url: (table.backend_sum(BackendCount.REQUESTS, b.column),
+                            table.backend_sum(BackendCount.ERRORS, b.column),
+                            table.backend_sum(BackendCount.TOKENS, b.column))
                     for b in self.registry.listed}
         keys = {}
         for key in self.keys.all():
-            figures = (table.key_sum(K_REQUESTS, key.column), table.key_sum(K_ERRORS, key.column),
-                       table.key_sum(K_TOKENS, key.column))
+            figures = (table.key_sum(KeyCount.REQUESTS, key.column), table.key_sum(KeyCount.ERRORS, key.column),
+                       table.key_sum(KeyCount.TOKENS, key.column))
             so_far = keys.get(key.label, (0, 0, 0))  # keys without a name are one: `none`
             keys[key.label] = tuple(a + b for a, b in zip(so_far, figures))
         return time.time(), backends, keys

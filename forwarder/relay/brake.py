@@ -32,8 +32,7 @@ import gevent
 import gevent.event
 
 from ..errors import Rejected
-from ..host.table import (READY, S_HEAD_ARRIVAL, S_HEAD_PRIORITY, S_HEAD_TURN, S_QUEUE_SINCE,
-                          S_QUEUED, S_STATE, STARTING)
+from ..host.layout import Slot, SlotState
 from ..observe import metrics
 
 # How often a worker with requests waiting looks for a backend that freed up (its own releases
@@ -84,7 +83,7 @@ class Brake:
 
     def must_wait(self) -> bool:
         """Whether a request that found room must still queue behind the instance's waiters."""
-        return self.table.slot_sum(S_QUEUED) > 0
+        return self.table.slot_sum(Slot.QUEUED) > 0
 
     def wait(self, ledger, candidates, priority_of, client: str, waiting,
              since: "float | None" = None) -> float:
@@ -95,7 +94,7 @@ class Brake:
         to the queue (the room it was woken for was taken meanwhile). Returns when it first
         queued."""
         now = self.clock()
-        if since is None and self.table.slot_sum(S_QUEUED) >= self.max_queued:
+        if since is None and self.table.slot_sum(Slot.QUEUED) >= self.max_queued:
             self._refuse("queue_full", 0.0)
         priority = priority_of()
         turn_key = (priority, client)
@@ -160,22 +159,22 @@ class Brake:
         """This worker's queue as the host table shows it to the others."""
         table = self.table
         queued = len(self._queue)
-        if queued and not table.slot_word(table.slot, S_QUEUED):
-            table.set_own_float(S_QUEUE_SINCE, self.clock())
-        table.set_own(S_QUEUED, queued)
+        if queued and not table.slot_word(table.slot, Slot.QUEUED):
+            table.set_own_float(Slot.QUEUE_SINCE, self.clock())
+        table.set_own(Slot.QUEUED, queued)
         if queued:
             head = self._queue[0]
-            table.set_own(S_HEAD_PRIORITY, head.order[0])
-            table.set_own(S_HEAD_TURN, head.order[1])
-            table.set_own_float(S_HEAD_ARRIVAL, head.queued_at)
+            table.set_own(Slot.HEAD_PRIORITY, head.order[0])
+            table.set_own(Slot.HEAD_TURN, head.order[1])
+            table.set_own_float(Slot.HEAD_ARRIVAL, head.queued_at)
 
     def _refuse_late(self) -> None:
         """A request that waited QUEUE_TIMEOUT_SECONDS is refused; and CoDel's rule: once the
         instance's queue stood for the target, every request that waited that long is."""
         table = self.table
         now = self.clock()
-        standing = min((table.slot_float(slot, S_QUEUE_SINCE) for slot in table.live_slots()
-                        if table.slot_word(slot, S_QUEUED)), default=now)
+        standing = min((table.slot_float(slot, Slot.QUEUE_SINCE) for slot in table.live_slots()
+                        if table.slot_word(slot, Slot.QUEUED)), default=now)
         overloaded = now - standing >= self.target
         for entry in self._queue:
             if entry.event.is_set():
@@ -197,11 +196,11 @@ class Brake:
         free = {}  # candidates -> free places not yet handed out
         ahead = []
         for slot in table.live_slots():
-            if slot != table.slot and table.slot_word(slot, S_QUEUED) and \
-                    table.slot_word(slot, S_STATE) in (STARTING, READY):
-                ahead.append((table.slot_word(slot, S_HEAD_PRIORITY),
-                              table.slot_word(slot, S_HEAD_TURN),
-                              table.slot_float(slot, S_HEAD_ARRIVAL)))
+            if slot != table.slot and table.slot_word(slot, Slot.QUEUED) and \
+                    table.slot_word(slot, Slot.STATE) in (SlotState.STARTING, SlotState.READY):
+                ahead.append((table.slot_word(slot, Slot.HEAD_PRIORITY),
+                              table.slot_word(slot, Slot.HEAD_TURN),
+                              table.slot_float(slot, Slot.HEAD_ARRIVAL)))
         for entry in self._queue:
             if entry.event.is_set():
                 continue

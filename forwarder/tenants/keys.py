@@ -18,12 +18,17 @@ import hashlib
 import hmac
 import logging
 import re
+import time
 
-from ..host.table import HostTable
+from ..host.table import Busy, HostTable, NotLeader
 from ..settings import KEY_NAME
 from ..watched_file import WatchedFile
 
 log = logging.getLogger(__name__)
+
+# A removed key's column goes to a new key only this long after, when no request of the old
+# one is left and its minute's counts have expired.
+KEY_QUARANTINE_SECONDS = 120.0
 
 # The name of a key without one, in metrics, logs and pages.
 NO_NAME = "none"
@@ -134,17 +139,26 @@ class Keys:
         entries += [(name, digest(key.encode()), *(limits.get(n, 0) for n in LIMITS))
                     for name, key, limits in self._file_keys]
         try:
-            self.table.write_keys(entries)
+            self.table.write_keys(entries, time.time(), KEY_QUARANTINE_SECONDS)
         except ValueError as exc:
             log.error("%s; keeping the last keys", exc)
+        except (Busy, NotLeader):
+            pass  # another worker writes them (a new leader, while this one drains)
 
     def sync(self) -> None:
         """Mirror the table's keys, if they changed."""
-        if not self.required or self.table.keys_version == self._version:
+        table = self.table
+        version = table.keys_version
+        if not self.required or version == self._version:
             return
-        self._version = self.table.keys_version
+        keys = table.read_keys()
+        if keys is None:
+            return  # the last reading stays, until the keys are repaired
+        self._version = version
+        for column, *_ in keys:
+            table.adopt_key_column(column)
         self.ring = KeyRing((known, Key(column, name, *limits))
-                            for column, name, known, *limits in self.table.read_keys())
+                            for column, name, known, *limits in keys)
 
     def all(self) -> "tuple[Key, ...]":
         """Every key, in order."""

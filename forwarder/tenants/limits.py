@@ -12,8 +12,8 @@ import math
 import time
 
 from ..errors import Rejected
-from ..host.table import (K_ERRORS, K_IN_FLIGHT, K_REQUESTS, K_REQUESTS_NOW, K_TOKENS,
-                          K_TOKENS_NOW, HostTable)
+from ..host.layout import KeyCount
+from ..host.table import HostTable
 from ..observe import metrics
 
 
@@ -28,27 +28,27 @@ class KeyLimits:
         """Count a request of `key` (`tenants.keys.Key`) in, or refuse it when it is over a
         limit."""
         table, column, now = self.table, key.column, self.clock()
-        if key.max_concurrent and table.key_sum(K_IN_FLIGHT, column) >= key.max_concurrent:
+        if key.max_concurrent and table.key_sum(KeyCount.IN_FLIGHT, column) >= key.max_concurrent:
             _refuse("key_max_concurrent", 1)
         retry = max(1, math.ceil(60 - now % 60))
-        if key.requests_per_minute and table.per_minute(K_REQUESTS_NOW, column, now) \
+        if key.requests_per_minute and table.per_minute(KeyCount.REQUESTS_NOW, column, now) \
                 >= key.requests_per_minute:
             _refuse("key_requests_per_minute", retry)
-        if key.tokens_per_minute and table.per_minute(K_TOKENS_NOW, column, now) \
+        if key.tokens_per_minute and table.per_minute(KeyCount.TOKENS_NOW, column, now) \
                 >= key.tokens_per_minute:
             _refuse("key_tokens_per_minute", retry)
-        table.add_key(K_IN_FLIGHT, column, 1)
-        table.count_per_minute(K_REQUESTS_NOW, column, 1, now)
+        table.add_key(KeyCount.IN_FLIGHT, column, 1)
+        table.count_per_minute(KeyCount.REQUESTS_NOW, column, 1, now)
 
     def give_back(self, key, failed: bool, tokens: int) -> None:
         """A request of `key` is over: its place is free, its outcome and tokens counted."""
         table, column = self.table, key.column
-        table.add_key(K_IN_FLIGHT, column, -1)
-        table.add_key(K_REQUESTS, column, 1)
-        table.add_key(K_ERRORS, column, int(failed))
+        table.add_key(KeyCount.IN_FLIGHT, column, -1)
+        table.add_key(KeyCount.REQUESTS, column, 1)
+        table.add_key(KeyCount.ERRORS, column, int(failed))
         if tokens:
-            table.add_key(K_TOKENS, column, tokens)
-            table.count_per_minute(K_TOKENS_NOW, column, tokens, self.clock())
+            table.add_key(KeyCount.TOKENS, column, tokens)
+            table.count_per_minute(KeyCount.TOKENS_NOW, column, tokens, self.clock())
 
 
 def _refuse(reason: str, retry_after: int):

@@ -1,17 +1,75 @@
 """One view per host: the workers of one instance share what they know (SPEC "One view per
 host"), each test through a real gunicorn with two workers."""
 
+import contextlib
+import mmap
+import os
 import socket
 import time
 
 import requests
 
+from forwarder.host.layout import REGIONS, Header
 from tests.harness import chat, get_json, log_lines, read_response, wait_until
 
 CHAT = "/v1/chat/completions"
 
 
+@contextlib.contextmanager
+def host_table_words(fwd):
+    """The instance's host table, mapped in this process too (its memory file, found among the
+    master's open files), as 8-byte words."""
+    for fd in os.listdir(f"/proc/{fwd.pid}/fd"):
+        path = f"/proc/{fwd.pid}/fd/{fd}"
+        with contextlib.suppress(OSError):
+            if os.readlink(path).startswith("/memfd:vllm-forwarder-host-table"):
+                break
+    else:
+        raise AssertionError("the forwarder's master holds no host table file")
+    with open(path, "r+b") as file:
+        memory = mmap.mmap(file.fileno(), 0)
+    view = memoryview(memory)
+    words = view.cast("q")
+    try:
+        yield words
+    finally:
+        words.release()
+        view.release()
+        memory.close()
 
+
+def test_a_writer_killed_in_the_middle_of_a_write_stops_no_worker(fake_backend, forwarder,
+                                                                   tmp_path):
+    # A writer killed mid-write (gunicorn's kill of a worker that missed its heartbeat, the OOM
+    # killer) leaves the list's counter odd after it moved the list's version: every reader
+    # that tried to read the list spun forever, and the whole instance stopped answering. Now
+    # readers keep their last reading, and the next write of the leader repairs the list.
+    first, second = fake_backend(name="first"), fake_backend(name="second")
+    # The leader's next write comes up to 3 s after the "death": meanwhile every request must
+    # be answered at once.
+    fwd = forwarder([first.url], workers=2, wait_healthy=1, env={"CHECK_INTERVAL_SECONDS": "3"})
+    header = REGIONS["header"].at
+    with host_table_words(fwd) as words:
+        words[header + Header.LIST_SEQ] += 1
+        words[header + Header.LIST_VERSION] += 1
+        words[header + Header.CHANGES] += 1
+
+    def both_workers_answer():
+        answer = requests.post(fwd.url + CHAT, json=chat(), timeout=1)  # a new connection
+        assert answer.status_code == 200 and answer.headers["X-Fake-Backend"] == "first"
+        assert get_json(fwd, "/_backends")["total"] == 1
+        return len({line["pid"] for line in fwd.access_lines() if line["path"] == CHAT}) == 2
+
+    wait_until(both_workers_answer, timeout=10, message="one worker answered every request")
+
+    def repaired():
+        with host_table_words(fwd) as words:
+            return words[header + Header.LIST_SEQ] % 2 == 0
+
+    wait_until(repaired, timeout=10, message="the list was never repaired")
+    fwd.ip_file.write_text(f"{first.url}\n{second.url}\n")
+    wait_until(lambda: get_json(fwd, "/_backends")["healthy"] == 2, timeout=10,
+               message="a change of the list after the repair was not taken")
 
 
 def test_in_flight_counts_every_workers_requests_whichever_worker_answers(fake_backend,

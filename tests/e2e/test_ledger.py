@@ -11,7 +11,7 @@ import pytest
 from forwarder import settings
 from forwarder.app import create_app
 from forwarder.fleet.registry import Registry
-from forwarder.host.table import K_IN_FLIGHT, S_QUEUED
+from forwarder.host.layout import KeyCount, Slot
 from forwarder.tenants.keys import shared_keys
 from tests.harness import FakeBackend, chat
 from tests.unit.fleets import poll, publish
@@ -53,10 +53,10 @@ def counts(registry):
     table = registry.table
     (backend,) = registry.backends()
     keys = [column for column, *_ in table.read_keys()]
-    return {"key in flight": sum(table.key_sum(K_IN_FLIGHT, column) for column in keys),
+    return {"key in flight": sum(table.key_sum(KeyCount.IN_FLIGHT, column) for column in keys),
             "backend in flight": backend.in_flight,
             "backend weight": backend.in_flight_weight,
-            "queued": table.slot_sum(S_QUEUED)}
+            "queued": table.slot_sum(Slot.QUEUED)}
 
 
 ZERO = {"key in flight": 0, "backend in flight": 0, "backend weight": 0, "queued": 0}

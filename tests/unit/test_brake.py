@@ -11,7 +11,7 @@ import pytest
 from forwarder import settings
 from forwarder.errors import Rejected
 from forwarder.fleet.ejection import Ejection
-from forwarder.host.table import S_QUEUED
+from forwarder.host.layout import Slot
 from forwarder.observe import metrics
 from forwarder.relay.brake import Brake
 from forwarder.relay.dispatch import Dispatcher, Outgoing
@@ -74,7 +74,7 @@ class Fleet:
         return greenlet
 
     def queued(self):
-        return self.registry.table.slot_sum(S_QUEUED)
+        return self.registry.table.slot_sum(Slot.QUEUED)
 
     def free(self, backend):
         """The oldest request at `backend` is over: its ledger closes."""

@@ -4,7 +4,7 @@ and when the key's share of a request is counted."""
 import time
 
 from forwarder import settings
-from forwarder.host.table import K_IN_FLIGHT, K_REQUESTS, K_TOKENS_NOW
+from forwarder.host.layout import KeyCount
 from forwarder.observe import metrics
 from forwarder.environ_keys import REQUEST_ID
 from forwarder.relay.ledger import Ledger
@@ -54,14 +54,14 @@ def test_a_keys_place_and_tokens_are_given_back_when_the_body_ends_not_at_the_cl
     exchange = metrics.Exchange({REQUEST_ID: "r"}, "chat/completions", registry)
     tap = usage.JsonTap()
     body = RelayedBody(Upstream(ANSWER), exchange, ledger, False, None, tap)
-    assert table.key_sum(K_IN_FLIGHT, key.column) == 1
+    assert table.key_sum(KeyCount.IN_FLIGHT, key.column) == 1
     assert list(body) == [ANSWER]
-    assert table.key_sum(K_IN_FLIGHT, key.column) == 0
+    assert table.key_sum(KeyCount.IN_FLIGHT, key.column) == 0
     assert backend.in_flight == 0
-    assert table.per_minute(K_TOKENS_NOW, key.column, time.time()) == 7
+    assert table.per_minute(KeyCount.TOKENS_NOW, key.column, time.time()) == 7
     body.close()  # given back once, not again
-    assert table.key_sum(K_IN_FLIGHT, key.column) == 0
-    assert table.key_sum(K_REQUESTS, key.column) == 1
+    assert table.key_sum(KeyCount.IN_FLIGHT, key.column) == 0
+    assert table.key_sum(KeyCount.REQUESTS, key.column) == 1
     assert backend.in_flight == 0
 
 
@@ -76,7 +76,7 @@ def test_a_body_never_iterated_gives_everything_back_at_its_close():
     upstream = Upstream(ANSWER)
     exchange = metrics.Exchange({REQUEST_ID: "r"}, "chat/completions", registry)
     RelayedBody(upstream, exchange, ledger, False, None).close()
-    assert registry.table.key_sum(K_IN_FLIGHT, key.column) == 0
+    assert registry.table.key_sum(KeyCount.IN_FLIGHT, key.column) == 0
     assert backend.in_flight == 0
     assert upstream.closed
 
@@ -90,6 +90,6 @@ def test_close_gives_each_place_back_once():
     ledger.take_backend(backend, 48)
     ledger.close()
     ledger.close()
-    assert registry.table.key_sum(K_IN_FLIGHT, key.column) == 0
-    assert registry.table.key_sum(K_REQUESTS, key.column) == 1
+    assert registry.table.key_sum(KeyCount.IN_FLIGHT, key.column) == 0
+    assert registry.table.key_sum(KeyCount.REQUESTS, key.column) == 1
     assert backend.in_flight == 0 and backend.in_flight_weight == 0
