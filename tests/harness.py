@@ -25,6 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # The User-Agent of the forwarder's health polls (`forwarder.fleet.poller.POLL_USER_AGENT`).
 POLL_USER_AGENT = "vllm-forwarder-health"
 LISTENING = re.compile(r"fake vllm listening on http://\S+:(\d+)")
+# gunicorn's line once it listens: the port it was given (0: one of the kernel's choosing).
+GUNICORN_LISTENING = re.compile(r"Listening at: https?://127\.0\.0\.1:(\d+)")
 ACCESS_LINE = re.compile(r"request_id=\S+ method=\S+ path=\S+ status=\d+ .*")
 FIELD = re.compile(r"(\w+)=(\S+)")
 
@@ -42,10 +44,21 @@ def _request(method, url, **kwargs):
 
 
 def free_port() -> int:
-    """A port that was free on 127.0.0.1 a moment ago."""
+    """A port that was free on 127.0.0.1 a moment ago, for a program that cannot tell which port
+    it bound (vllm-router, in bench/). Tests bind port 0 and read it back instead: another
+    process may take this one before it is bound."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def closed_port():
+    """A port of 127.0.0.1 that refuses connections for as long as the block lasts: bound, so
+    that no other process takes it, but not listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 
 def wait_until(predicate, timeout=5.0, interval=0.02, message="condition not met"):
@@ -319,7 +332,8 @@ class FakeDns(_Process):
 
 
 class Forwarder(_Process):
-    """The forwarder under gunicorn, as an operator starts it, on a port of its own."""
+    """The forwarder under gunicorn, as an operator starts it, on a port the kernel chose (port 0,
+    read back from gunicorn's log: no other process can take it in between)."""
 
     def __init__(self, ip_lines, env, workers, extra_args, log_dir):
         self.dir = log_dir
@@ -334,7 +348,7 @@ class Forwarder(_Process):
 
     def _command(self):
         return [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "forwarder.wsgi:app",
-                "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.workers),
+                "--bind", "127.0.0.1:0", "--workers", str(self.workers),
                 "--no-control-socket", *self.extra_args]
 
     def _environment(self):
@@ -348,8 +362,14 @@ class Forwarder(_Process):
         return environment
 
     def _popen(self):
-        self.port = free_port()
         self.proc = _spawn(self._command(), self.log_path, self._environment())
+
+    def _listening(self) -> bool:
+        """Whether gunicorn listens yet; reads its port off its log the first time."""
+        if self.port is None:
+            found = GUNICORN_LISTENING.search(self.log())
+            self.port = int(found.group(1)) if found else None
+        return self.port is not None
 
     @classmethod
     def start(cls, ip_lines, env=None, workers=1, extra_args=(), wait_healthy=None,
@@ -365,8 +385,8 @@ class Forwarder(_Process):
             if forwarder.proc.poll() is not None:
                 raise AssertionError(f"forwarder exited with {forwarder.proc.returncode}:\n"
                                      f"{log_tail(forwarder.log_path)}")
-            if listening_only:
-                return "Listening at:" in forwarder.log()
+            if not forwarder._listening() or listening_only:
+                return forwarder.port is not None
             try:
                 response = _request("GET", forwarder.url + "/_backends", timeout=1,
                                     headers=forwarder._admin_headers())

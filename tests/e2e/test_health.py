@@ -5,7 +5,7 @@ import signal
 
 import requests
 
-from tests.harness import free_port, wait_until
+from tests.harness import closed_port, wait_until
 
 
 def backend_status(fwd, url):
@@ -13,9 +13,13 @@ def backend_status(fwd, url):
 
 
 def test_every_ip_txt_form_as_backends_shows_it(fake_backend, forwarder):
+    with closed_port() as spare:
+        every_ip_txt_form_as_backends_shows_it(fake_backend, forwarder, spare)
+
+
+def every_ip_txt_form_as_backends_shows_it(fake_backend, forwarder, spare):
     backend = fake_backend()
     port = backend.port
-    spare = free_port()
     lines = [
         "# the fleet",
         "",

@@ -14,7 +14,7 @@ import openai
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import chat, wait_until
+from tests.harness import chat, log_lines, wait_until
 
 CHAT = "/v1/chat/completions"
 
@@ -90,7 +90,7 @@ def test_a_keys_file_is_read_again_and_its_bad_lines_are_skipped(fake_backend, f
         assert http.post(fwd.url + CHAT, json=chat(), headers=bearer("sk-file-a")).status_code \
             == 401
         keys_file.unlink()  # unreadable: the last good keys stay
-        time.sleep(0.5)
+        wait_until(lambda: len(log_lines(fwd, r"cannot read the API keys file")) >= 2)
         assert http.post(fwd.url + CHAT, json=chat(), headers=bearer("sk-new")).status_code == 200
 
 

@@ -28,6 +28,7 @@ from forwarder import upstream
 from forwarder.compat.client import BackendAdapter, StaleConnection, send_prepared
 from forwarder.compat.server import (GeventWorker, _ClientSocket, close_connection, write_now,
                                      operator_access_log_format, raw_socket)
+from tests.harness import closed_port
 
 WAIT = 5  # bound on every wait; a passing test takes milliseconds
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -83,12 +84,6 @@ def read_request(conn) -> "tuple[bytes, bytes]":
     while len(body) < length:
         body += conn.recv(65536)
     return head, body
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # --- gevent -------------------------------------------------------------------------------------
@@ -480,7 +475,8 @@ def test_send_prepared_sends_a_hand_built_request_as_given():
 
 def test_a_refused_connection_is_classified_as_connection_refused():
     try:
-        upstream.send("GET", f"http://127.0.0.1:{free_port()}/x", {}, None, 2, 2)
+        with closed_port() as port:
+            upstream.send("GET", f"http://127.0.0.1:{port}/x", {}, None, 2, 2)
     except upstream.ConnectFailed as exc:
         assert (str(exc), exc.stale) == ("connection refused", False), (
             "urllib3 no longer keeps the ConnectionRefusedError in the exception chain (or its "
