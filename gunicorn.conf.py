@@ -56,8 +56,8 @@ worker_class = "forwarder.worker.Worker"
 workers = os.cpu_count() or 1
 # Counts every open connection, streams and idle keep-alives alike; a full worker stops accepting.
 # 10,000 open streams per box, however unevenly the workers happen to accept them. Each stream
-# holds two file descriptors (client and backend): raise `ulimit -n` to match (README,
-# Performance).
+# holds two file descriptors (client and backend): raise `ulimit -n` to match (docs/deploy.md,
+# "Sizing").
 worker_connections = 10000
 # For gevent workers this is only a heartbeat (sent every second by the worker's own loop): a
 # long stream never trips it, a hub blocked by CPU work for this long does.
@@ -69,7 +69,7 @@ graceful_timeout = 60
 keepalive = 75
 # Recycling a worker would cut its live streams.
 max_requests = 0
-# Request-line and header limits, set deliberately (README, "Security"): what an nginx in front
+# Request-line and header limits, set deliberately (docs/security.md): what an nginx in front
 # passes with its default 8 KB header buffers passes here too; past them gunicorn answers 414 or
 # 431 before the application sees the request. The request line allows long query strings (the
 # most gunicorn accepts); 100 header fields is far above what an SDK sends (about 15).

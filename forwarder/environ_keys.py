@@ -23,5 +23,7 @@ API_KEY = "forwarder.key"
 MODEL = "forwarder.model"
 PROMPT_TOKENS = "forwarder.prompt_tokens"
 COMPLETION_TOKENS = "forwarder.completion_tokens"
+# How many times the answer went on on another backend (`relay/resume.py`).
+RESUMED = "forwarder.resumed"
 # gunicorn's `start_response`, for a write outside the response body's iteration (SSE keep-alive).
 START_RESPONSE = "forwarder.start_response"

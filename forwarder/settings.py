@@ -219,8 +219,8 @@ class Settings:
     api_keys_file: Optional[str] = _setting(
         "API_KEYS_FILE", None, _optional_readable_file,
         "a file of named keys with their limits, one a line (see [Keys and their "
-        "limits](#keys-and-their-limits)), read again every poll cycle; when set, every "
-        "`/v1/*` request needs one of its keys or of `FORWARDER_API_KEYS`")
+        "limits](docs/tenants.md#keys-and-their-limits)), read again every poll cycle; when "
+        "set, every `/v1/*` request needs one of its keys or of `FORWARDER_API_KEYS`")
     backend_api_key: Optional[str] = _setting(
         "BACKEND_API_KEY", None, _api_key,
         "when set, sent to backends as `Authorization: Bearer <it>` in place of the client's "
@@ -235,17 +235,17 @@ class Settings:
     routing_policy: str = _setting(
         "ROUTING_POLICY", "random", _routing_policy,
         "how a backend is chosen: `random`, `least_loaded` or `affinity` "
-        "(see [Routing](#routing))")
+        "(see [Routing](docs/routing.md))")
     request_weight_bytes: int = _setting(
         "REQUEST_WEIGHT_BYTES", "4096", _count,
         "until its first token a request weighs 1 + its body's length / this many bytes in the "
-        "load of `least_loaded` and `affinity` (see [Policies](#policies)); 0: every request "
-        "weighs 1")
+        "load of `least_loaded` and `affinity` (see [Policies](docs/routing.md#policies)); 0: "
+        "every request weighs 1")
     max_in_flight_per_backend: int = _setting(
         "MAX_IN_FLIGHT_PER_BACKEND", "0", _count,
         "the most requests one instance has in flight to one backend, all workers together; "
         "past it a request waits in the instance's queue for the first backend that frees up "
-        "(see [Load control](#load-control)); 0: no limit")
+        "(see [Load control](docs/load-control.md)); 0: no limit")
     max_queued_requests: int = _setting(
         "MAX_QUEUED_REQUESTS", "1000", _count,
         "requests waiting in that queue, per instance; one more gets `429` at once")
@@ -264,6 +264,17 @@ class Settings:
         "EJECT_SECONDS", "30", _positive_seconds,
         "how long an ejection lasts; doubled each time the same backend is ejected again soon "
         "after its return, up to 10 minutes")
+    resume_streams: bool = _setting(
+        "RESUME_STREAMS", "true", _switch,
+        "continue a chat or completions stream whose backend breaks off on another backend, and "
+        "ask a whole answer again whose backend breaks off before the client got a byte (see "
+        "[Streams that survive their "
+        "backend](docs/failure-modes.md#streams-that-survive-their-backend)); `false`: vLLM's "
+        "in-band error at once")
+    max_resumes: int = _setting(
+        "MAX_RESUMES", "2", _count,
+        "the most continuations (or askings again) of one answer, each on a backend it has not "
+        "used yet")
     sse_keepalive_seconds: float = _setting(
         "SSE_KEEPALIVE_SECONDS", "15", _seconds,
         "while an event stream is silent this long, the forwarder sends an SSE comment "
@@ -271,7 +282,7 @@ class Settings:
     meter_tokens: bool = _setting(
         "METER_TOKENS", "1", _switch,
         "read each answer's token usage, per key and model (see [Tokens and "
-        "tenants](#tokens-and-tenants)); 0: off")
+        "tenants](docs/tenants.md)); 0: off")
     end_streams_before_kill_seconds: float = _setting(
         "END_STREAMS_BEFORE_KILL_SECONDS", "0", _seconds,
         "after `SIGTERM`, responses still running this long before gunicorn's "

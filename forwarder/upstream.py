@@ -141,3 +141,82 @@ def send(method: str, url: str, headers: dict, body, connect_timeout: float,
         raise UpstreamFailed(failure_reason(exc)) from exc
     except requests.RequestException as exc:
         raise UpstreamFailed(failure_reason(exc)) from exc
+
+
+class WholeAnswer:
+    """A backend's answer read whole before the client gets a byte of it, so that an answer
+    its backend breaks off can be asked again elsewhere: the urllib3 response's status and
+    headers, and its body (raw, as the backend sent it) given back by `read1`."""
+
+    __slots__ = ("status", "headers", "_body", "_response")
+
+    def __init__(self, response, body: bytes):
+        self.status = response.status
+        self.headers = response.headers
+        self._body = body
+        self._response = response
+
+    def read1(self, size: int = -1) -> bytes:
+        body, self._body = self._body, b""
+        return body
+
+    def tell(self) -> int:
+        return self._response.tell()
+
+    def close(self) -> None:
+        self._response.close()
+
+
+def read_whole(response, limit: int):
+    """`response` with its body read whole (a `WholeAnswer`), when it is at most `limit` bytes;
+    else as it was, what was read of it already given back first. `UpstreamFailed` when the
+    backend breaks off the body (`UpstreamTimeout` when it goes silent)."""
+    pieces, size = [], 0
+    try:
+        while size <= limit:
+            piece = response.read1(65536)
+            if not piece:
+                return WholeAnswer(response, b"".join(pieces))
+            pieces.append(piece)
+            size += len(piece)
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        if timed_out(exc):
+            response.close()
+            raise UpstreamTimeout(str(exc)) from exc
+        raise BodyCut(failure_reason(exc), _Cut(response, b"".join(pieces), exc)) from exc
+    return _Started(response, b"".join(pieces))
+
+
+class BodyCut(UpstreamFailed):
+    """The backend broke off its answer's body before the client got a byte of it; `answer`
+    relays what came, then the same break."""
+
+    def __init__(self, reason: str, answer: "WholeAnswer"):
+        super().__init__(reason)
+        self.answer = answer
+
+
+class _Cut(WholeAnswer):
+    """What came of a body its backend broke off, then the break."""
+
+    __slots__ = ("_break",)
+
+    def __init__(self, response, body: bytes, broken: BaseException):
+        super().__init__(response, body)
+        self._break = broken
+
+    def read1(self, size: int = -1) -> bytes:
+        if self._body:
+            return super().read1(size)
+        raise self._break
+
+
+class _Started(WholeAnswer):
+    """An answer too long to be read whole: what was read, then the rest as it comes."""
+
+    __slots__ = ()
+
+    def read1(self, size: int = -1) -> bytes:
+        if self._body:
+            return super().read1(size)
+        return self._response.read1(size)

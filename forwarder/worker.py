@@ -196,7 +196,8 @@ class Worker(GeventWorker):
         now = time.time()
         fewest = None
         for slot in table.live_slots():
-            if slot == own or now - table.slot_float(slot, Slot.HEARTBEAT) > SIBLING_HEARTBEAT_SECONDS:
+            if slot == own or now - table.slot_float(slot, Slot.HEARTBEAT) \
+                    > SIBLING_HEARTBEAT_SECONDS:
                 continue
             state = table.slot_word(slot, Slot.STATE)
             if state == SlotState.STARTING and now - table.slot_float(slot, Slot.STARTED) \

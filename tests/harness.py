@@ -272,13 +272,14 @@ class FakeBackend(_Process):
             self.proc.send_signal(signal.SIGKILL)
         return self.proc.wait()
 
-    def stop(self):
-        """SIGTERM, then SIGKILL after 3 s."""
-        return stop_process(self.proc, 3)
+    def stop(self, grace=3.0):
+        """SIGTERM, then SIGKILL after `grace` seconds."""
+        return stop_process(self.proc, grace)
 
-    def restart(self):
-        """Stop it if running, then start it again on the same port with the start-up config."""
-        self.stop()
+    def restart(self, grace=3.0):
+        """Stop it if running (`stop`), then start it again on the same port with the start-up
+        config."""
+        self.stop(grace)
         self._launch(self.port)
         return self
 

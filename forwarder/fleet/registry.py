@@ -5,9 +5,10 @@ What the instance knows of a backend lives in the host table (`host/table.py`), 
 workers: the list (the leader writes it), each backend's last poll (its poll owner writes it),
 the last time a request could not connect to it, its failures in a row and its ejection
 (`ejection.py`). The registry mirrors the table into plain attributes (`sync`, when the table's
-change counter moved), and writes what this worker learns into it. The request path reads `Registry.view` (rebuilt only
-when health, a model list or the list changes, so picking a backend costs no scan) and the
-host-wide in-flight figures, which are read from the table at the moment they are needed.
+change stamp moved), and writes what this worker learns into it. The request path reads
+`Registry.view` (rebuilt only when health, a model list or the list changes, so picking a
+backend costs no scan) and the host-wide in-flight figures, which are read from the table at the
+moment they are needed.
 
 A backend is healthy when its last poll answered 200 and no request failed to connect to it, and
 no ejection began, since that poll. Each change of a backend's state is logged once per
@@ -167,7 +168,8 @@ def effective(table: HostTable, column: int) -> "tuple[bool, str | None]":
                                   table.word(column, Column.POLL_STATUS))
     ejected_until = table.float(column, Column.EJECTED_UNTIL)
     if ejected_until and polled_at <= ejected_until:
-        last = error_text(table.word(column, Column.EJECT_REASON), table.word(column, Column.EJECT_STATUS))
+        last = error_text(table.word(column, Column.EJECT_REASON),
+                          table.word(column, Column.EJECT_STATUS))
         return False, f"ejected: failed requests in a row (last: {last})"
     if table.float(column, Column.DOWN_AT) >= polled_at:
         return False, REASONS[table.word(column, Column.DOWN_REASON)]
@@ -315,7 +317,8 @@ class Registry:
         ejected_until = table.float(column, Column.EJECTED_UNTIL)
         figures = figures or {}
         for word, name in ((Column.RUNNING, "num_requests_running"),
-                           (Column.WAITING, "num_requests_waiting"), (Column.KV_CACHE, "kv_cache_usage")):
+                           (Column.WAITING, "num_requests_waiting"),
+                           (Column.KV_CACHE, "kv_cache_usage")):
             value = figures.get(name)
             table.set_float(column, word, UNKNOWN if value is None else value)
         table.set_word(column, Column.IN_FLIGHT_AT_POLL, table.in_flight(column))

@@ -27,9 +27,9 @@ write's.
 
 Every change a worker's view depends on writes a fresh stamp (unique to the writer and the
 moment, never an increment another worker's could undo) into the column's version and the
-table's changes: a worker re-reads the table only when that moved. Greenlets switch only on I/O, so a worker's own
-cells need no lock. Floats are seconds of `time.time()` (the brake's, `time.monotonic()`); NaN
-stands for "unknown".
+table's changes: a worker re-reads the table only when that moved. Greenlets switch only on
+I/O, so a worker's own cells need no lock. Floats are seconds of `time.time()` (the brake's,
+`time.monotonic()`); NaN stands for "unknown".
 """
 
 import math

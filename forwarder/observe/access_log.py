@@ -2,8 +2,8 @@
 
     [27/Nov/2026:15:19:19 +0000] request_id=4ee66f6d… method=POST path=/v1/chat/completions
     status=200 backend=http://10.0.0.11:8101 duration=1.804113 ttfb=0.051270 bytes=1661
-    cut=- model=llama-3.1-8b key=team-a prompt_tokens=12 completion_tokens=7 client=10.0.0.2
-    pid=24611
+    cut=- resumed=0 model=llama-3.1-8b key=team-a prompt_tokens=12 completion_tokens=7
+    client=10.0.0.2 pid=24611
 
 (one line). `AccessLogger` is gunicorn's own logger (`logger_class` in `gunicorn.conf.py`), so
 `--access-logfile`, syslog, log configs and reopening on `SIGUSR1` work as usual, and it logs
@@ -36,7 +36,8 @@ def _safe(value: str) -> str:
 
 
 LINE = ("%s request_id=%s method=%s path=%s status=%s backend=%s duration=%.6f ttfb=%s "
-        "bytes=%s cut=%s model=%s key=%s prompt_tokens=%s completion_tokens=%s client=%s pid=%d")
+        "bytes=%s cut=%s resumed=%s model=%s key=%s prompt_tokens=%s completion_tokens=%s "
+        "client=%s pid=%d")
 
 
 class AccessLogger(Logger):
@@ -63,6 +64,7 @@ class AccessLogger(Logger):
             environ["RAW_URI"], status, environ.get(environ_keys.BACKEND, "-"),
             request_time.total_seconds(), environ.get(environ_keys.TTFB, "-"),
             "-" if sent is None else sent, environ.get(environ_keys.CUT, "-"),
+            environ.get(environ_keys.RESUMED, 0),
             _safe(environ.get(environ_keys.MODEL, "-")), key.label if key is not None else "-",
             environ.get(environ_keys.PROMPT_TOKENS, "-"),
             environ.get(environ_keys.COMPLETION_TOKENS, "-"),

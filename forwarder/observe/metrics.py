@@ -115,6 +115,11 @@ QUEUE_WAIT = Histogram(
     "Seconds a request waited in the instance's queue (MAX_IN_FLIGHT_PER_BACKEND), whether it "
     "was then sent or refused.",
     buckets=QUEUE_WAIT_BUCKETS, registry=_LOCAL)
+RESUMES = Counter(
+    "forwarder_resumes_total",
+    "Answers whose backend broke off: gone on on another backend (resumed), tried and failed "
+    "(failed), or not to be continued (not_resumable).",
+    ("outcome",), registry=_LOCAL)
 CLIENT_DISCONNECTS = Counter(
     "forwarder_client_disconnects_total",
     "Requests whose client went away before the whole response was relayed.",
@@ -232,6 +237,10 @@ class Exchange:
         if model is not None:
             self._environ[environ_keys.MODEL] = model
 
+    def resumed(self) -> None:
+        """The answer went on on another backend (once more)."""
+        self._environ[environ_keys.RESUMED] = self._environ.get(environ_keys.RESUMED, 0) + 1
+
     def cut(self, reason: str) -> None:
         """The response ended before the backend's body did, for `reason` (the access log's
         `cut=`: `backend_error`, `backend_timeout`, `client_left`, `shutdown`)."""
@@ -282,6 +291,10 @@ class Exchange:
 
 def client_disconnected() -> None:
     CLIENT_DISCONNECTS.inc()
+
+
+def resumed(outcome: str) -> None:
+    RESUMES.labels(outcome).inc()
 
 
 def retried() -> None:

@@ -45,7 +45,8 @@ class Recorder:
                     for b in self.registry.listed}
         keys = {}
         for key in self.keys.all():
-            figures = (table.key_sum(KeyCount.REQUESTS, key.column), table.key_sum(KeyCount.ERRORS, key.column),
+            figures = (table.key_sum(KeyCount.REQUESTS, key.column),
+                       table.key_sum(KeyCount.ERRORS, key.column),
                        table.key_sum(KeyCount.TOKENS, key.column))
             so_far = keys.get(key.label, (0, 0, 0))  # keys without a name are one: `none`
             keys[key.label] = tuple(a + b for a, b in zip(so_far, figures))

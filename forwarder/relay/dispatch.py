@@ -12,7 +12,10 @@ The rules, in the order `Dispatcher.send` applies them:
   more, anywhere; a backend that does it again is passed over (not marked down: it answers
   polls). A body streamed from the client cannot be sent again: `502`.
 - No response headers within READ_TIMEOUT_SECONDS: `504`; the exchange broken after the request
-  was sent: `502`. Neither is sent again: the backend may be working on it.
+  was sent: `502`. Neither is sent again (the backend may be working on it), except a request
+  that may be asked again (`asks_again`: a chat, completions or embeddings request, when
+  RESUME_STREAMS is on: vLLM aborts a request whose connection closes, and these have no side
+  effect), which a broken exchange sends to a backend not tried yet, up to MAX_RESUMES times.
 - No candidate left: when none is healthy, a worker whose first poll cycle is not over waits for
   it (its first poll decides, rather than a blind `503`), and then the request waits, up to
   NO_BACKEND_WAIT_SECONDS from its arrival, for the fleet's view to change (a backend back, a
@@ -58,7 +61,8 @@ class Outgoing:
     around every wait on a backend or for one (the client watch, which interrupts it when the
     client leaves); `on_attempt(backend)` is called before each send; `priority_of()` and
     `client` order it in the queue, should it have to wait there; `avoid` are backends it must
-    not go to."""
+    not go to; `asks_again` is how many more times a broken exchange may be sent elsewhere, and
+    `on_ask_again(backend, reason)` is told of each."""
 
     attempt: Callable
     model: "str | None" = None
@@ -70,6 +74,8 @@ class Outgoing:
     priority_of: Callable = lambda: 0
     client: str = ""
     avoid: tuple = ()
+    asks_again: int = 0
+    on_ask_again: "Callable | None" = None
 
 
 class Dispatcher:
@@ -100,8 +106,17 @@ class Dispatcher:
         tried = list(request.avoid)  # may not go to these again (until a poll changes the view)
         stale_once = set()
         failure = None  # the answer once nothing is left to try
+        cut = None  # (backend, what came) of the last answer its backend broke off
         queued_since = None
         attempts = 0
+
+        def give_up(failure):
+            """Nothing is left to try: the last answer broken off is relayed as it came (its
+            client sees the break), else `failure`."""
+            if cut is None:
+                raise failure
+            ledger.take_backend(cut[0], weight)
+            return cut
 
         def candidates():
             members = self.registry.view.serving(model).members
@@ -125,7 +140,7 @@ class Dispatcher:
                 if not group.members and self._wait_for_a_change(deadline, waiting):
                     tried = list(request.avoid)
                     continue
-                raise failure or DispatchFailed(503, "No healthy backend is available.")
+                return give_up(failure or DispatchFailed(503, "No healthy backend is available."))
             if attempts:
                 metrics.retried()
             attempts += 1
@@ -158,9 +173,21 @@ class Dispatcher:
             except upstream.UpstreamFailed as exc:
                 ledger.give_back_backend()
                 self.ejection.record(backend, str(exc))
-                raise DispatchFailed(502, f"The backend failed before answering: {exc}.") from None
+                failure = DispatchFailed(502, f"The backend failed before answering: {exc}.")
+                if isinstance(exc, upstream.BodyCut):
+                    if cut is not None:
+                        cut[1].close()
+                    cut = (backend, exc.answer)
+                if request.asks_again <= 0:
+                    return give_up(failure)
+                request.asks_again -= 1
+                tried.append(backend)
+                if request.on_ask_again is not None:
+                    request.on_ask_again(backend, str(exc))
             else:
                 self.ejection.record(backend, None, response.status)
+                if cut is not None:
+                    cut[1].close()
                 return backend, response
 
     def _pick(self, members: tuple, request: Request):

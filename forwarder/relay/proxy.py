@@ -1,6 +1,6 @@
-"""The `/v1/*` proxy view, orchestration only: request in → its key's place → its body → a backend
-(`dispatch.py`) → relay its answer (`response_body.py`); every place the request takes is its
-ledger's (`ledger.py`).
+"""The `/v1/*` proxy view, orchestration only: request in → its key's place → its body → a
+backend (`dispatch.py`) → relay its answer (`response_body.py`), going on elsewhere should its
+backend break off (`resume.py`); every place the request takes is its ledger's (`ledger.py`).
 
 Path, query string, body and headers go to the backend as the client sent them, except
 hop-by-hop headers and, when `FORCED_MODEL_NAME` is set, the `model` field of a JSON-object POST
@@ -12,6 +12,7 @@ Multipart bodies (audio) never are. `GET /v1/models` is answered from the fleet'
 built once per change.
 """
 
+import logging
 import posixpath
 import urllib.parse
 
@@ -37,6 +38,13 @@ from .ledger import Ledger
 from .policies import make_policy
 from .policies.affinity import SESSION_HEADER, session_key
 from .response_body import SHUTTING_DOWN, RelayedBody
+from .resume import ASKED_AGAIN, CONTINUED_STREAMS, Resumer
+
+log = logging.getLogger(__name__)
+
+# A whole answer up to this long is read before the client gets a byte of it, so that it can
+# be asked again should its backend break it off.
+WHOLE_ANSWER_BYTES = 16 << 20
 
 
 class RelayedResponse(Response):
@@ -97,6 +105,8 @@ class Proxy:
         self.read_timeout = settings.read_timeout_seconds
         self.max_body = settings.max_request_body_bytes
         self.backend_authorization = relay_headers.backend_authorization(settings)
+        self.resume = settings.resume_streams and settings.max_resumes > 0
+        self.max_resumes = settings.max_resumes
 
     def __call__(self, subpath: str = "") -> Response:
         environ = request.environ
@@ -166,9 +176,27 @@ class Proxy:
         if self.backend_authorization:
             headers["Authorization"] = self.backend_authorization
 
-        def attempt(backend):
-            return upstream.send(method, backend.url + target, headers, body,
+        endpoint = exchange.endpoint
+        asked_again = self.resume and not streamed and endpoint in ASKED_AGAIN
+
+        def send(backend, sent_body):
+            return upstream.send(method, backend.url + target, headers, sent_body,
                                  self.connect_timeout, self.read_timeout)
+
+        def attempt(backend):
+            response = send(backend, body)
+            if asked_again and not response.headers.get(
+                    "content-type", "").startswith("text/event-stream"):
+                # Read whole before the client gets a byte: a backend that breaks it off is
+                # asked again elsewhere.
+                return upstream.read_whole(response, WHOLE_ANSWER_BYTES)
+            return response
+
+        def ask_again(backend, reason):
+            metrics.resumed("resumed")
+            exchange.resumed()
+            log.warning("request_id=%s: the backend %s broke off (%s) before the client got a "
+                        "byte; asking another", exchange.request_id, backend.url, reason)
 
         def priority_of():
             parsed = document if document is not None or streamed or not body \
@@ -184,7 +212,8 @@ class Proxy:
             resendable=not streamed, waiting=watch, on_attempt=exchange.sending_to,
             priority_of=priority_of,
             client=api_key.name if api_key is not None and api_key.name
-            else environ.get("REMOTE_ADDR", ""))
+            else environ.get("REMOTE_ADDR", ""),
+            asks_again=self.max_resumes if asked_again else 0, on_ask_again=ask_again)
         try:
             backend, response = self.dispatcher.send(outgoing, ledger)
         except ClientGone:
@@ -212,8 +241,12 @@ class Proxy:
                     tap = usage.JsonTap()
             exchange.usage = tap
             exchange.token_stream = sse and exchange.endpoint in usage.ASKED_STREAMS
+            resumer = Resumer(self.dispatcher, outgoing, send, ledger, exchange, endpoint, body,
+                              document, backend) \
+                if sse and asked_again and endpoint in CONTINUED_STREAMS else None
             return RelayedResponse(
-                RelayedBody(response, exchange, ledger, sse, watch, tap, self.keep_alive),
+                RelayedBody(response, exchange, ledger, sse, watch, tap, self.keep_alive,
+                            resumer),
                 status=response.status,
                 headers=relay_headers.response_headers(response.headers))
         except BaseException:

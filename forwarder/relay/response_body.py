@@ -21,6 +21,7 @@ from ..errors import error_body
 from ..observe import metrics
 from .. import upstream
 from .client_watch import ClientGone, ClientWatch, ShuttingDown
+from .resume import CannotGoOn, StreamRecord
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class KeepAlive:
     CHECKS = 4  # a check every seconds / CHECKS: a comment after seconds to 1.25 × seconds
 
     def __init__(self, response, seconds: float, environ):
-        self._response = response
+        self.response = response
         self._environ = environ
         self._seen = -1
         self._quiet = 0
@@ -54,7 +55,7 @@ class KeepAlive:
         self._timer.start(self._check)
 
     def _check(self) -> None:
-        seen = self._response.tell()
+        seen = self.response.tell()
         if seen != self._seen:
             self._seen, self._quiet = seen, 0
             return
@@ -79,14 +80,16 @@ class RelayedBody:
     Iterating yields the backend's body as it arrives, telling `exchange` (`observe.metrics`)
     of its first and last byte and of a cut; passing each piece through `tap`
     (`tenants.usage.JsonTap` or `StreamTap`) when given; keeping a silent SSE stream alive every
-    `keep_alive` seconds. When the backend's body has ended, the ledger learns the tokens used and
+    `keep_alive` seconds. With a `resumer` (`resume.py`: a chat or completions stream, when
+    RESUME_STREAMS is on) a `StreamRecord` keeps what a continuation needs, and a cut goes on on
+    another backend when it can. When the body has ended, the ledger learns the tokens used and
     is closed, before the client can see the response end."""
 
     __slots__ = ("_response", "_exchange", "_ledger", "_sse", "_watch", "_tap", "_keep_alive",
-                 "_iteration")
+                 "_resumer", "_record", "_continuations", "_iteration")
 
     def __init__(self, response, exchange, ledger, sse: bool, watch: "ClientWatch | None",
-                 tap=None, keep_alive: float = 0.0):
+                 tap=None, keep_alive: float = 0.0, resumer=None):
         self._response = response
         self._exchange = exchange
         self._ledger = ledger
@@ -94,6 +97,9 @@ class RelayedBody:
         self._watch = watch
         self._tap = tap
         self._keep_alive = keep_alive
+        self._resumer = resumer
+        self._record = StreamRecord(resumer.endpoint) if resumer is not None else None
+        self._continuations = []
         self._iteration = None
 
     def __iter__(self):
@@ -106,7 +112,8 @@ class RelayedBody:
                 self._iteration.close()
         finally:
             try:
-                self._response.close()
+                if self._response is not None:
+                    self._response.close()
             finally:
                 try:
                     self._ledger.close()
@@ -118,29 +125,54 @@ class RelayedBody:
         """The backend's body has ended: what the request used is known."""
         tap, ledger = self._tap, self._ledger
         if tap is not None and tap.prompt_tokens is not None:
-            ledger.tokens = tap.prompt_tokens + tap.completion_tokens
+            # The backends worked on more than the answer's usage tells: each continuation
+            # prefilled the answer so far again.
+            ledger.tokens = tap.prompt_tokens + tap.completion_tokens + sum(
+                continuation.prompt_prefilled for continuation in self._continuations)
         ledger.close()
 
     def _relay(self):
-        response, exchange, ledger, sse, watch, tap = (
-            self._response, self._exchange, self._ledger, self._sse, self._watch, self._tap)
-        read = response.read1
+        exchange, ledger, sse, watch, tap = (
+            self._exchange, self._ledger, self._sse, self._watch, self._tap)
+        record = self._record
         waiting = watch or contextlib.nullcontext()
-        alive = KeepAlive(response, self._keep_alive, exchange.environ) \
+        alive = KeepAlive(self._response, self._keep_alive, exchange.environ) \
             if sse and self._keep_alive else None
         feed = tap.feed if tap is not None else None
+        continuation = None
+        chunk = None
+        started = False
         try:
-            with waiting:
-                chunk = read(READ_SIZE)
-            exchange.first_byte()
-            ledger.prefilled()
-            while chunk:
-                if feed is not None:
-                    chunk = feed(chunk)
-                if chunk:
-                    yield chunk
-                with waiting:
-                    chunk = read(READ_SIZE)
+            while True:  # one backend's body, then maybe another's
+                try:
+                    if chunk is None:
+                        with waiting:
+                            chunk = self._response.read1(READ_SIZE)
+                        if not started:
+                            started = True
+                            exchange.first_byte()
+                    ledger.prefilled()
+                    while chunk:
+                        if continuation is not None:
+                            chunk = continuation.feed(chunk)
+                        if feed is not None and chunk:
+                            chunk = feed(chunk)
+                        if chunk:
+                            if record is not None:
+                                record.feed(chunk)
+                            yield chunk
+                        if self._response is None or (continuation is not None
+                                                       and continuation.ended):
+                            break
+                        with waiting:
+                            chunk = self._response.read1(READ_SIZE)
+                    break
+                except (Urllib3Error, OSError) as exc:
+                    if record is None:
+                        raise
+                    continuation, chunk = self._go_on(exc, record)
+                    if alive is not None and self._response is not None:
+                        alive.response = self._response
             rest = tap.finish() if tap is not None else None
             exchange.last_byte()
             self._settle()
@@ -162,16 +194,20 @@ class RelayedBody:
             exchange.cut("client_left")
             metrics.client_disconnected()
             raise
-        except (Urllib3Error, OSError) as exc:
+        except (Urllib3Error, OSError, CannotGoOn) as exc:
             ledger.failed = True
-            if upstream.timed_out(exc):
+            cause = exc.__cause__ if isinstance(exc, CannotGoOn) else exc
+            broken = getattr(exc, "backend_url", exchange.backend)
+            if upstream.timed_out(cause):
                 exchange.cut("backend_timeout")
-                message = (f"The backend {exchange.backend} sent nothing for "
-                           f"READ_TIMEOUT_SECONDS in the middle of the response.")
+                message = (f"The backend {broken} sent nothing for READ_TIMEOUT_SECONDS in the "
+                           f"middle of the response.")
             else:
                 exchange.cut("backend_error")
-                message = (f"The backend {exchange.backend} broke off the response: "
-                           f"{upstream.failure_reason(exc)}.")
+                message = (f"The backend {broken} broke off the response: "
+                           f"{upstream.failure_reason(cause)}.")
+            if isinstance(exc, CannotGoOn):
+                message = f"{message[:-1]}; it could not go on elsewhere: {exc}."
             log.warning("request_id=%s: %s", exchange.request_id, message)
             if sse:
                 # 502 whatever the cause, as SPEC's in-band example: the request failed upstream.
@@ -182,4 +218,29 @@ class RelayedBody:
         finally:
             if alive is not None:
                 alive.stop()
-            response.close()
+            if self._response is not None:
+                self._response.close()
+
+    def _go_on(self, exc: BaseException, record: StreamRecord):
+        """The stream broke off: (its continuation, the first bytes to relay or None to read
+        them from the backend taking over). `CannotGoOn`, from `exc`, when it cannot go on."""
+        broken, self._response = self._response, None
+        broken.close()
+        if record.done:
+            return None, b""  # cut after its end: nothing is missing
+        if record.finished:
+            return None, b"data: [DONE]\n\n"  # only the end marker is missing
+        why = ("silent for READ_TIMEOUT_SECONDS" if upstream.timed_out(exc)
+               else upstream.failure_reason(exc))
+        backend = self._resumer.used[-1]
+        try:
+            response, continuation = self._resumer.resume(backend, why, record)
+        except CannotGoOn as cannot:
+            cannot.backend_url = backend.url
+            raise cannot from exc
+        if response is None:  # nothing left to generate: only the end, already as sent
+            return None, continuation.closing
+        if continuation is not None:
+            self._continuations.append(continuation)
+        self._response = response
+        return continuation, None

@@ -1,6 +1,6 @@
 """End-to-end fault injection: nothing lost when backends die, hang or restart, or clients leave.
 
-Each test names the row of the README's "What happens when…" table it backs.
+Each test names the row of the "What happens when…" table (docs/failure-modes.md) it backs.
 """
 
 import concurrent.futures

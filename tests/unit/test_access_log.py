@@ -1,4 +1,4 @@
-"""Unit tests for the access log line (`forwarder/access_log.py`)."""
+"""Unit tests for the access log line (`forwarder/observe/access_log.py`)."""
 
 import os
 from datetime import timedelta
@@ -32,8 +32,9 @@ def test_an_operators_access_log_format_is_honoured(tmp_path):
     fields = dict(FIELD.findall(default))
     assert fields == {"request_id": "r-1", "method": "GET", "path": "/v1/models?x=1",
                       "status": "201", "backend": "http://b:1", "duration": "1.000005",
-                      "ttfb": "-", "bytes": "12", "cut": "-", "model": "-", "key": "-",
-                      "prompt_tokens": "-", "completion_tokens": "-", "client": "10.0.0.2", "pid": str(os.getpid())}
+                      "ttfb": "-", "bytes": "12", "cut": "-", "resumed": "0", "model": "-",
+                      "key": "-", "prompt_tokens": "-", "completion_tokens": "-",
+                      "client": "10.0.0.2", "pid": str(os.getpid())}
     assert operator == '201 "GET /v1/models?x=1 HTTP/1.1" http://b:1 12'
 
 

@@ -1,9 +1,9 @@
 """Unit tests for `Dispatcher.send`, one per rule of `forwarder/relay/dispatch.py`'s docstring: a
-real `Registry` and routing policy hold the fleet, while the send (`attempt`), the clock and the registry's
-two waits are fakes that follow a script, so every test runs in milliseconds without the network,
-without sleeping and without gevent blocking; each test checks the answer (status and message),
-the backends attempted in order, and what was left behind (health, `last_error`, in-flight counts,
-waits, the retries counter)."""
+real `Registry` and routing policy hold the fleet, while the send (`attempt`), the clock and the
+registry's two waits are fakes that follow a script, so every test runs in milliseconds without
+the network, without sleeping and without gevent blocking; each test checks the answer (status
+and message), the backends attempted in order, and what was left behind (health, `last_error`,
+in-flight counts, waits, the retries counter)."""
 
 import types
 
