@@ -1,29 +1,73 @@
-"""A fake vLLM engine that batches like vLLM does, for the fleet simulation (`bench/fleet_sim.py`).
+"""A fake vLLM engine that schedules as vLLM V1 does, for the fleet simulation (`fleet_sim.py`).
 
-    python -m bench.batching_backend --port 8101 [--slowdown 3] [--capacity 8] ...
+    python -m bench.batching_backend --port 8101 [--slowdown 3] [--max-num-seqs 8] [--kv-blocks N]
 
-Continuous batching: requests run together, one output token each per engine step; a step takes
-longer the more requests run (`--step-seconds` + `--seq-step-seconds` per running request) plus
-the prefill of the requests admitted in it (`--prefill-seconds-per-token` per prompt token). At
-most `--capacity` requests run; the rest wait in arrival order, and `/metrics` shows both counts
-as vLLM's `vllm:num_requests_running` / `vllm:num_requests_waiting`. A prefix cache like vLLM's
-remembers the last `--cache-entries` prompts: a chat request whose conversation so far (every
-message but the last two) is a prompt seen before prefills only its new messages. A client that
-goes away, waiting or running, is dropped, as vLLM aborts it.
+It owns what makes one vLLM engine fast or slow for a router: its batch, its queue, its KV cache
+and prefix cache, and the time a step takes. Each part follows vLLM V1's code:
 
-With `--kv-tokens N` the engine also has a KV cache of N tokens: a request admitted reserves its
-prompt's tokens and its `max_tokens` until it ends, the head of the waiting queue is admitted only
-when it fits (or nothing runs), and `/metrics` shows the tokens held / N as vLLM's
-`vllm:kv_cache_usage_perc`, so that a long prompt weighs on the engine as it does on a GPU. Without
-it (the default) nothing limits tokens and the gauge is absent.
+- Tokens (`render`). A chat prompt is its messages one after another, each a role marker, its
+  content's words (a word is a token) and an end marker, then the marker that opens the answer;
+  the answer's i-th token is the word `a<i>`. So the next turn of a conversation (its history
+  with the answer as it was streamed, then a new user message) begins with the previous turn's
+  prompt and answer, token for token, as it does through a chat template.
+- KV cache (`BlockPool`, as `vllm/v1/core/block_pool.py` and `kv_cache_utils.py`):
+  `--kv-blocks` blocks of `--block-size` tokens. A running request holds
+  ceil(its tokens computed or being computed / block size) blocks, taken as it grows (a prefill
+  chunk's worth, then one token's slot per step), not reserved up front.
+- Prefix caching: every full block is cached under a hash of its parent block's hash and its own
+  tokens, so a hash names the whole prefix. A request starting (or resuming) reuses its longest
+  run of cached blocks, never its last token (`KVCacheManager.get_computed_blocks`). A freed
+  block keeps its hash and joins the back of the free queue; an allocation takes blocks from the
+  front and only then evicts what they cached (LRU). A request's blocks are freed last block
+  first, so that a prefix's tail is evicted before its head (`SingleTypeKVCacheManager.free`).
+- Scheduling, every step (`vllm/v1/core/sched/scheduler.py`, `Scheduler.schedule`): within
+  `--max-num-batched-tokens`, first the running requests in order (a decode is one token, an
+  unfinished prefill its next chunk), then, if nothing was preempted, the waiting ones in order
+  while fewer than `--max-num-seqs` run, each prefilling a chunk after its cached prefix. A
+  waiting request that does not fit blocks the ones behind it (first come, first served).
+- Preemption: when a running request's next blocks cannot be allocated, the last running request
+  is preempted (blocks freed, back to the front of the waiting queue, its prompt and answer so
+  far recomputed when it resumes, from whatever of them is still cached), until the allocation
+  fits or the request preempted itself.
+- Time: a step sleeps `--slowdown` × (`--step-seconds` + `--token-seconds` × tokens computed +
+  `--context-token-seconds` × tokens of context the decodes read), a roofline in miniature: a
+  fixed part (weights read once per step, launch overheads), compute per token (prefill), and
+  the decodes' attention reading their whole KV. The defaults are a 7-8B model on one GPU,
+  rounded: a decode step of 8 requests at 3,000 tokens of context takes 32 ms, a 2,048-token
+  prefill chunk 71 ms (~2,900 prompt tokens per 100 ms). The fixed 20 ms is the weights (16 GB)
+  read at ~1.5 TB/s plus scheduling and sampling; the 0.5 µs per token of context is a model
+  without grouped-query attention (512 KiB of KV a token) at ~1 TB/s, eight times what
+  Llama-3-8B reads, so that long contexts weigh on a batch. Simulated time is real time (gevent
+  sleeps).
+- `/metrics` as vLLM V1 writes it (`vllm/v1/metrics/loggers.py`, `Scheduler.make_stats`):
+  `vllm:num_requests_running` (requests running), `vllm:num_requests_waiting` (waiting,
+  preempted ones included), `vllm:kv_cache_usage_perc` (1 − free blocks / blocks, cached but
+  free blocks counting as free: `BlockPool.get_usage`), the counters
+  `vllm:prefix_cache_queries` / `vllm:prefix_cache_hits` (prompt tokens looked up / found, at
+  a request's first admission) and `vllm:num_preemptions`, each with `engine` and `model_name`.
+
+Left out: speculative decoding, the sampler (a request always runs to `max_tokens`), priority
+scheduling, sliding windows and hybrid models, KV transfer, the watermark and async scheduling.
+A prompt plus `max_tokens` longer than the whole cache is refused `400`, as vLLM refuses a
+request longer than `max_model_len`. A client that goes away, waiting or running, is dropped, as
+vLLM aborts it.
 
 With `--fail-status CODE` every chat request is answered with that HTTP status and vLLM's error
 body, while `/metrics` and `/health` answer as usual: a backend that looks healthy but fails.
 
-Besides vLLM's `/v1/chat/completions` (streamed), `/v1/models`, `/metrics` and `/health`:
+Besides vLLM's `/v1/chat/completions` (streamed), `/v1/models`, `/metrics` and `/health`, it
+answers vLLM's `POST /tokenize` and `POST /v1/chat/completions/render` with the prompt's token ids
+(vllm-router's `cache_aware` asks for them and routes on them), and:
 
-    GET  /_sim/stats   {"admitted", "finished", "cache_eligible", "cache_hits", "failed"}
+    GET  /_sim/stats   {"admitted", "finished", "preemptions", "prefix_query_tokens",
+                        "prefix_hit_tokens", "session_turns", "session_turn_hits",
+                        "session_turn_evictions", "failed"}
     POST /_sim/reset   drop every request, empty the cache, zero the stats
+
+A session turn is a request with history (more than two messages); it is a hit when, at its
+first admission, the cache held its conversation so far (every message but the last two, the
+previous turn's prompt) down to the last full block, and an eviction when it did not although
+that last block had been cached here before (it was evicted, not sent elsewhere).
 """
 
 if __name__ == "__main__":
@@ -33,10 +77,10 @@ if __name__ == "__main__":
 
 import argparse
 import collections
-import hashlib
 import json
 import socket
 import sys
+import zlib
 
 import gevent
 from gevent.event import Event
@@ -44,115 +88,314 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 from gevent.queue import Queue
 
 MODEL = "sim-model"
+ANSWER_MARKER = "<assistant>"
+END_MARKER = "<end>"
 
 
-def prompt_hash(messages) -> str:
-    return hashlib.sha1(json.dumps(messages).encode()).hexdigest()
+def render(messages) -> list:
+    """A chat prompt's tokens (words), ending with the marker that opens the answer."""
+    tokens = []
+    for message in messages:
+        tokens.append(f"<{message['role']}>")
+        tokens += str(message.get("content") or "").split()
+        tokens.append(END_MARKER)
+    tokens.append(ANSWER_MARKER)
+    return tokens
 
 
-def tokens_of(messages) -> int:
-    """Prompt tokens, at vLLM's usual four characters a token."""
-    return max(1, len(json.dumps(messages)) // 4)
+def token_ids(tokens) -> list:
+    """Tokens as ids, the same in every engine (for `/tokenize` and the render endpoint)."""
+    return [zlib.crc32(token.encode()) for token in tokens]
+
+
+def answer_token(index: int) -> str:
+    return f"a{index}"
+
+
+def answer(count: int) -> str:
+    """The text of an answer of `count` tokens, as the engine streams it."""
+    return " ".join(answer_token(index) for index in range(count))
 
 
 class Sequence:
-    """One request in the engine."""
+    """One request in the engine: its tokens, how many are computed, the blocks it holds."""
 
-    __slots__ = ("prompt_tokens", "new_tokens", "prefix", "full", "remaining", "footprint",
-                 "tokens", "aborted")
+    __slots__ = ("prompt", "max_tokens", "history", "output", "computed", "blocks",
+                 "cached_blocks", "hashes", "preemptions", "tokens", "aborted")
 
     def __init__(self, messages, max_tokens):
-        self.prompt_tokens = tokens_of(messages)
-        self.prefix = prompt_hash(messages[:-2]) if len(messages) > 2 else None
-        self.new_tokens = tokens_of(messages[-2:])
-        self.full = prompt_hash(messages)
-        self.remaining = max_tokens
-        self.footprint = self.prompt_tokens + max_tokens  # KV tokens it holds while it runs
-        self.tokens = Queue()  # one item per output token; None ends the stream
+        self.prompt = render(messages)
+        self.max_tokens = max_tokens
+        # The conversation so far: the previous turn's prompt, a prefix of this one.
+        self.history = len(render(messages[:-2])) if len(messages) > 2 else None
+        self.output = 0  # answer tokens sampled
+        self.computed = 0  # tokens whose KV is computed, or being computed in this step
+        self.blocks = []
+        self.cached_blocks = 0  # how many of `blocks` are in the prefix cache
+        self.hashes = []  # block hashes, as far as computed so far
+        self.preemptions = 0
+        self.tokens = Queue()  # one item per answer token; None ends the stream
         self.aborted = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + self.output
+
+    def block_hash(self, index: int, size: int) -> int:
+        """The hash of full block `index`: of its parent's hash and its tokens."""
+        while len(self.hashes) <= index:
+            start = len(self.hashes) * size
+            end = start + size
+            prompt_length = len(self.prompt)
+            tokens = tuple(self.prompt[start:end]) + tuple(
+                answer_token(i) for i in range(max(start, prompt_length) - prompt_length,
+                                               end - prompt_length))
+            self.hashes.append(hash((self.hashes[-1] if self.hashes else None, tokens)))
+        return self.hashes[index]
+
+
+class BlockPool:
+    """The KV blocks, as vLLM V1's `BlockPool`: the free ones in eviction order (an allocation
+    takes from the front, a freed block goes to the back) and the prefix cache, hash -> block.
+    A cached block stays cached while free, until an allocation takes it."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.free = collections.OrderedDict.fromkeys(range(count))
+        self.refs = [0] * count
+        self.hash_of = [None] * count
+        self.by_hash = {}
+        self.ever_cached = set()  # every hash cached here, to tell an eviction from a miss
+
+    def usage(self) -> float:
+        return 1.0 - len(self.free) / self.count
+
+    def longest_hit(self, sequence: Sequence, size: int) -> list:
+        """The cached blocks of `sequence`'s longest cached prefix, its last token left out
+        (it must be computed again to sample the next one)."""
+        hit = []
+        for index in range((sequence.num_tokens - 1) // size):
+            block = self.by_hash.get(sequence.block_hash(index, size))
+            if block is None:
+                break
+            hit.append(block)
+        return hit
+
+    def evictable(self, blocks) -> int:
+        """How many of `blocks` are free (cached only): taking them uses up free blocks."""
+        return sum(1 for block in blocks if self.refs[block] == 0)
+
+    def take(self, blocks) -> None:
+        """Share cached blocks with one more request."""
+        for block in blocks:
+            if self.refs[block] == 0:
+                del self.free[block]
+            self.refs[block] += 1
+
+    def allocate(self, count: int) -> list:
+        """`count` blocks from the front of the free queue, evicting what they cached."""
+        blocks = []
+        for _ in range(count):
+            block, _ = self.free.popitem(last=False)
+            block_hash = self.hash_of[block]
+            if block_hash is not None:
+                if self.by_hash.get(block_hash) == block:
+                    del self.by_hash[block_hash]
+                self.hash_of[block] = None
+            self.refs[block] = 1
+            blocks.append(block)
+        return blocks
+
+    def release(self, blocks) -> None:
+        """Free a request's blocks, last one first: a prefix's tail is evicted before its
+        head."""
+        for block in reversed(blocks):
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                self.free[block] = None
+
+    def cache(self, block: int, block_hash: int) -> None:
+        # A block whose hash is cached already (two requests computed it at once) is left out:
+        # vLLM keeps both but only ever finds the first, and such twins are rare here.
+        if block_hash not in self.by_hash:
+            self.by_hash[block_hash] = block
+            self.hash_of[block] = block_hash
+            self.ever_cached.add(block_hash)
 
 
 class Engine:
-    """The scheduler loop: admit, step, emit."""
+    """The scheduler loop: schedule a step, sleep its time, emit its tokens."""
+
+    STATS = ("admitted", "finished", "preemptions", "prefix_query_tokens", "prefix_hit_tokens",
+             "session_turns", "session_turn_hits", "session_turn_evictions", "failed")
 
     def __init__(self, args):
         self.args = args
+        self.pool = BlockPool(args.kv_blocks)
         self.waiting = collections.deque()
         self.running = []
-        self.cache = collections.OrderedDict()
         self.wake = Event()
-        self.stats = dict.fromkeys(("admitted", "finished", "cache_eligible", "cache_hits",
-                                    "failed"), 0)
+        self.stats = dict.fromkeys(self.STATS, 0)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.args.kv_blocks * self.args.block_size
 
     def submit(self, sequence: Sequence) -> None:
         self.waiting.append(sequence)
         self.wake.set()
 
-    def kv_used(self) -> int:
-        """KV tokens held by the running requests."""
-        return sum(s.footprint for s in self.running if not s.aborted)
-
-    def fits(self, sequence: Sequence) -> bool:
-        """Whether `sequence` may start now as far as the KV cache goes (always when nothing
-        runs: a prompt larger than the cache still runs, alone)."""
-        budget = self.args.kv_tokens
-        return not budget or not self.running or self.kv_used() + sequence.footprint <= budget
-
     def reset(self) -> None:
         for sequence in [*self.waiting, *self.running]:
             sequence.aborted = True
+            sequence.blocks = []  # they belong to the pool thrown away here
             sequence.tokens.put(None)
         self.waiting.clear()
         self.running = []
-        self.cache.clear()
-        self.stats = dict.fromkeys(self.stats, 0)
+        self.pool = BlockPool(self.args.kv_blocks)
+        self.stats = dict.fromkeys(self.STATS, 0)
 
     def run_forever(self) -> None:
-        args = self.args
         while True:
-            self.running = [s for s in self.running if not s.aborted]
-            while self.waiting and self.waiting[0].aborted:
-                self.waiting.popleft()
-            if not self.running and not self.waiting:
+            self.drop_aborted()
+            batch = self.schedule() if self.running or self.waiting else []
+            if not batch:
                 self.wake.clear()
                 self.wake.wait()
                 continue
-            prefill_tokens = 0
-            admitted = []
-            while self.waiting and len(self.running) < args.capacity:
-                sequence = self.waiting[0]
-                if not sequence.aborted and not self.fits(sequence):
-                    break  # first come, first served: the head waits for room
-                self.waiting.popleft()
-                if sequence.aborted:
-                    continue
-                hit = sequence.prefix is not None and sequence.prefix in self.cache
-                self.stats["admitted"] += 1
-                self.stats["cache_eligible"] += sequence.prefix is not None
-                self.stats["cache_hits"] += hit
-                prefill_tokens += sequence.new_tokens if hit else sequence.prompt_tokens
-                admitted.append(sequence)
-                self.running.append(sequence)
-            gevent.sleep(args.slowdown * (args.step_seconds
-                                          + args.seq_step_seconds * len(self.running)
-                                          + args.prefill_seconds_per_token * prefill_tokens))
-            for sequence in admitted:
-                self.cache[sequence.full] = True
-                self.cache.move_to_end(sequence.full)
-            while len(self.cache) > args.cache_entries:
-                self.cache.popitem(last=False)
-            still_running = []
-            for sequence in self.running:
-                if sequence.aborted:
-                    continue
-                sequence.remaining -= 1
-                sequence.tokens.put(1)
-                if sequence.remaining > 0:
-                    still_running.append(sequence)
-                else:
-                    sequence.tokens.put(None)
-                    self.stats["finished"] += 1
-            self.running = still_running
+            gevent.sleep(self.step_seconds(batch))
+            self.emit(batch)
+
+    def drop_aborted(self) -> None:
+        for sequence in [s for s in self.running if s.aborted]:
+            self.running.remove(sequence)
+            self.pool.release(sequence.blocks)
+            sequence.blocks = []
+        if any(s.aborted for s in self.waiting):
+            self.waiting = collections.deque(s for s in self.waiting if not s.aborted)
+
+    def schedule(self) -> list:
+        """This step's batch, [(sequence, tokens to compute)], as V1's `Scheduler.schedule`."""
+        args = self.args
+        budget = args.max_num_batched_tokens
+        batch = []
+        preemptions = self.stats["preemptions"]
+        index = 0
+        while index < len(self.running) and budget > 0:
+            sequence = self.running[index]
+            count = min(sequence.num_tokens - sequence.computed, budget)
+            if not self.make_room(sequence, count):
+                break
+            batch.append((sequence, count))
+            budget -= count
+            index += 1
+        # V1 admits nothing in a step that had to preempt: memory is short.
+        while (self.stats["preemptions"] == preemptions and self.waiting and budget > 0
+               and len(self.running) < args.max_num_seqs):
+            sequence = self.waiting[0]
+            hit = self.pool.longest_hit(sequence, args.block_size)
+            count = min(sequence.num_tokens - len(hit) * args.block_size, budget)
+            seen = self.history_was_cached(sequence)  # asked before it caches its own blocks
+            if not self.allocate(sequence, count, hit):
+                break
+            self.waiting.popleft()
+            self.running.append(sequence)
+            if sequence.preemptions == 0:
+                self.count_admission(sequence, len(hit) * args.block_size, seen)
+            batch.append((sequence, count))
+            budget -= count
+        for sequence, count in batch:
+            sequence.computed += count
+        return batch
+
+    def make_room(self, sequence: Sequence, count: int) -> bool:
+        """Allocate for `count` more tokens of a running `sequence`, preempting the last running
+        request until it fits; False when `sequence` itself had to go."""
+        while not self.allocate(sequence, count):
+            victim = self.running.pop()
+            self.preempt(victim)
+            if victim is sequence:
+                return False
+        return True
+
+    def allocate(self, sequence: Sequence, count: int, hit=()) -> bool:
+        """Give `sequence` the blocks for `count` more tokens after its computed ones (and, when
+        it starts, after its cached prefix `hit`), and cache its blocks that are full once those
+        are computed (V1 caches them when scheduled); False when the free blocks are too few."""
+        size = self.args.block_size
+        if hit:
+            sequence.computed = len(hit) * size
+        total = sequence.computed + count
+        needed = -(-total // size) - len(sequence.blocks) - len(hit)
+        if needed + self.pool.evictable(hit) > len(self.pool.free):
+            if hit:
+                sequence.computed = 0
+            return False
+        if hit:
+            self.pool.take(hit)
+            sequence.blocks = list(hit)
+            sequence.cached_blocks = len(hit)
+        sequence.blocks += self.pool.allocate(needed)
+        full = min(total, sequence.num_tokens) // size
+        for index in range(sequence.cached_blocks, full):
+            self.pool.cache(sequence.blocks[index], sequence.block_hash(index, size))
+        sequence.cached_blocks = max(sequence.cached_blocks, full)
+        return True
+
+    def preempt(self, sequence: Sequence) -> None:
+        self.pool.release(sequence.blocks)
+        sequence.blocks = []
+        sequence.cached_blocks = 0
+        sequence.computed = 0
+        sequence.preemptions += 1
+        self.waiting.appendleft(sequence)
+        self.stats["preemptions"] += 1
+
+    def history_blocks(self, sequence: Sequence) -> int:
+        """How many full blocks of `sequence`'s conversation so far a hit must find."""
+        return max(1, sequence.history // self.args.block_size)
+
+    def history_was_cached(self, sequence: Sequence) -> bool:
+        """Whether the last full block of `sequence`'s conversation so far was cached here once
+        (its previous turn ran here)."""
+        return sequence.history is not None and sequence.block_hash(
+            self.history_blocks(sequence) - 1, self.args.block_size) in self.pool.ever_cached
+
+    def count_admission(self, sequence: Sequence, hit_tokens: int, seen: bool) -> None:
+        stats = self.stats
+        stats["admitted"] += 1
+        stats["prefix_query_tokens"] += sequence.num_tokens
+        stats["prefix_hit_tokens"] += hit_tokens
+        if sequence.history is not None:
+            stats["session_turns"] += 1
+            if hit_tokens >= self.history_blocks(sequence) * self.args.block_size:
+                stats["session_turn_hits"] += 1
+            elif seen:  # cached here once, evicted since
+                stats["session_turn_evictions"] += 1
+
+    def step_seconds(self, batch) -> float:
+        args = self.args
+        computed = sum(count for _, count in batch)
+        # A decode (one token) reads its whole context; a prefill chunk's attention is part of
+        # its compute, counted per token.
+        context = sum(sequence.computed for sequence, count in batch if count == 1)
+        return args.slowdown * (args.step_seconds + args.token_seconds * computed
+                                + args.context_token_seconds * context)
+
+    def emit(self, batch) -> None:
+        """After the step: every sequence whose tokens are all computed samples one more;
+        those at `max_tokens` finish and free their blocks."""
+        for sequence, _ in batch:
+            if sequence.aborted or sequence.computed < sequence.num_tokens:
+                continue  # gone (dropped before the next step), or a prefill chunk short
+            sequence.output += 1
+            sequence.tokens.put(1)
+            if sequence.output >= sequence.max_tokens:
+                self.running.remove(sequence)
+                self.pool.release(sequence.blocks)
+                sequence.blocks = []
+                sequence.tokens.put(None)
+                self.stats["finished"] += 1
 
 
 class Handler(WSGIHandler):
@@ -173,6 +416,27 @@ def watch_client(client_socket, sequence: Sequence) -> None:
         pass
     sequence.aborted = True
     sequence.tokens.put(None)
+
+
+def error_body(status: int, kind: str, message: str) -> dict:
+    """vLLM's error document."""
+    return {"object": "error", "message": message, "type": kind, "param": None, "code": status}
+
+
+METRICS = (  # name, vLLM's help text, type, the figure
+    ("vllm:num_requests_running", "Number of requests in model execution batches.", "gauge",
+     lambda engine: len(engine.running)),
+    ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", "gauge",
+     lambda engine: len(engine.waiting)),
+    ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", "gauge",
+     lambda engine: engine.pool.usage()),
+    ("vllm:num_preemptions", "Cumulative number of preemption from the engine.", "counter",
+     lambda engine: engine.stats["preemptions"]),
+    ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+     "counter", lambda engine: engine.stats["prefix_query_tokens"]),
+    ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+     "counter", lambda engine: engine.stats["prefix_hit_tokens"]),
+)
 
 
 class App:
@@ -198,7 +462,10 @@ class App:
             return self.respond(start_response, "200 OK", b"")
         if path == "/v1/models":
             return self.respond(start_response, "200 OK", {"object": "list", "data": [
-                {"id": MODEL, "object": "model", "owned_by": "vllm"}]})
+                {"id": MODEL, "object": "model", "owned_by": "vllm",
+                 "max_model_len": engine.max_model_len}]})
+        if path in ("/v1/chat/completions/render", "/tokenize") and method == "POST":
+            return self.tokenize(start_response, path, json.loads(body))
         if path == "/_sim/stats":
             return self.respond(start_response, "200 OK", engine.stats)
         if path == "/_sim/reset" and method == "POST":
@@ -206,26 +473,46 @@ class App:
             return self.respond(start_response, "200 OK", engine.stats)
         return self.respond(start_response, "404 Not Found", {"detail": "Not Found"})
 
+    def tokenize(self, start_response, path, request):
+        """vLLM's prompt token ids, as its chat render endpoint (a `GenerateRequest`) or
+        `/tokenize` answers them: vllm-router's `cache_aware` routes on them."""
+        messages = request.get("messages")
+        tokens = token_ids(render(messages) if messages else str(request.get("prompt")).split())
+        if path == "/tokenize":
+            return self.respond(start_response, "200 OK", {
+                "count": len(tokens), "max_model_len": self.engine.max_model_len,
+                "tokens": tokens, "token_strs": None})
+        return self.respond(start_response, "200 OK", {
+            "request_id": "render-sim", "token_ids": tokens, "model": MODEL,
+            "sampling_params": {"max_tokens": request.get("max_tokens")}})
+
     def metrics(self) -> str:
-        engine = self.engine
-        text = (f'vllm:num_requests_running{{model_name="{MODEL}"}} {len(engine.running)}\n'
-                f'vllm:num_requests_waiting{{model_name="{MODEL}"}} {len(engine.waiting)}\n')
-        budget = engine.args.kv_tokens
-        if budget:
-            usage = min(1.0, engine.kv_used() / budget)
-            text += f'vllm:kv_cache_usage_perc{{model_name="{MODEL}"}} {usage:.4f}\n'
-        return text
+        """As prometheus-client writes vLLM's: labels sorted, counters with `_total`."""
+        labels = f'{{engine="0",model_name="{MODEL}"}}'
+        lines = []
+        for name, help_text, kind, figure in METRICS:
+            sample = name + ("_total" if kind == "counter" else "")
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}",
+                      f"{sample}{labels} {float(figure(self.engine))!r}"]
+        return "\n".join(lines) + "\n"
 
     def chat(self, environ, start_response, request):
-        fail_status = self.engine.args.fail_status
+        engine = self.engine
+        fail_status = engine.args.fail_status
         if fail_status:
-            self.engine.stats["failed"] += 1
-            return self.respond(start_response, f"{fail_status} Simulated Failure", {
-                "object": "error", "message": "simulated engine failure",
-                "type": "InternalServerError", "param": None, "code": fail_status})
+            engine.stats["failed"] += 1
+            return self.respond(start_response, f"{fail_status} Simulated Failure", error_body(
+                fail_status, "InternalServerError", "simulated engine failure"))
         sequence = Sequence(request["messages"], int(request.get("max_tokens") or 16))
+        length = len(sequence.prompt) + sequence.max_tokens
+        if length > engine.max_model_len:
+            return self.respond(start_response, "400 Bad Request", error_body(
+                400, "BadRequestError", f"This model's maximum context length is "
+                f"{engine.max_model_len} tokens. However, you requested {length} tokens "
+                f"({len(sequence.prompt)} in the messages, {sequence.max_tokens} in the "
+                "completion)."))
         watcher = gevent.spawn(watch_client, environ["sim.socket"], sequence)
-        self.engine.submit(sequence)
+        engine.submit(sequence)
         start_response("200 OK", [("Content-Type", "text/event-stream; charset=utf-8")])
         return self.stream(sequence, watcher)
 
@@ -235,8 +522,8 @@ class App:
         try:
             index = 0
             while sequence.tokens.get() is not None:
-                yield (f'data: {head}"choices":[{{"index":0,"delta":{{"content":"t{index} "}},'
-                       f'"finish_reason":null}}]}}\n\n').encode()
+                yield (f'data: {head}"choices":[{{"index":0,"delta":{{"content":'
+                       f'"{answer_token(index)} "}},"finish_reason":null}}]}}\n\n').encode()
                 index += 1
             if not sequence.aborted:
                 yield b"data: [DONE]\n\n"
@@ -247,21 +534,30 @@ class App:
             sequence.aborted = True
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The engine's settings (`bench.fleet_sim` reads its defaults here too)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--capacity", type=int, default=8, help="most requests running at once")
+    parser.add_argument("--max-num-seqs", type=int, default=8, help="most requests running")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                        help="tokens computed per step (vLLM's default for its OpenAI server "
+                             "on A100-class GPUs)")
+    parser.add_argument("--kv-blocks", type=int, default=8192, help="KV cache size in blocks")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument("--slowdown", type=float, default=1.0, help="every step this much slower")
-    parser.add_argument("--step-seconds", type=float, default=0.02)
-    parser.add_argument("--seq-step-seconds", type=float, default=0.0025)
-    parser.add_argument("--prefill-seconds-per-token", type=float, default=0.00002)
-    parser.add_argument("--cache-entries", type=int, default=256)
-    parser.add_argument("--kv-tokens", type=int, default=0,
-                        help="KV cache size in tokens (0: no limit, no usage gauge)")
+    parser.add_argument("--step-seconds", type=float, default=0.02, help="a step's fixed part")
+    parser.add_argument("--token-seconds", type=float, default=25e-6,
+                        help="per token computed (prefill)")
+    parser.add_argument("--context-token-seconds", type=float, default=0.5e-6,
+                        help="per token of context a decode reads")
     parser.add_argument("--fail-status", type=int, default=0,
                         help="answer every chat request with this HTTP status (0: never)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     engine = Engine(args)
     gevent.spawn(engine.run_forever)
     server = WSGIServer((args.host, args.port), App(engine), handler_class=Handler, backlog=1024,

@@ -1,44 +1,62 @@
-"""Fleet simulation: routers side by side on one heterogeneous, continuous-batching fleet.
+"""Fleet simulation: routers side by side on one heterogeneous fleet of fake vLLM engines.
 
     pip install -r requirements.txt -r bench/requirements.txt
-    python -m bench.fleet_sim --scenario all        # the four scenarios below, about 11 minutes
-    python -m bench.fleet_sim --scenario overload   # one of them (overload, load80-2workers,
-                                                    # mixed-sizes, failing-backend)
-    python -m bench.fleet_sim [--seconds 30] [--load 0.8] [--contenders ...]   # the 80 % table
+    python -m bench.fleet_sim --scenario issue-80 [--repeat 2]   # one scenario, about 3 minutes
+    python -m bench.fleet_sim --scenario all                     # every scenario, ~20 minutes
+    python -m bench.fleet_sim [--load 0.8] [--contenders ...]    # the default fleet, one table
 
-Starts `--backends` fake vLLM engines (`bench/batching_backend.py`), the first one `--slowdown`
-times slower than the rest, and runs every contender in turn in front of that same fleet: the
-forwarder (gunicorn, as `tests.harness.Forwarder` starts it, `CHECK_INTERVAL_SECONDS` from
-`--check-interval`) and the vLLM project's Rust router (`vllm-router`). Each one gets the same
-open-loop Poisson arrival schedule at a share of the fleet's estimated capacity; `--session-share`
-of the requests are the next turn of one of `--sessions` running chat conversations (each turn's
-prompt is the previous turn's plus two messages), the rest are one-off prompts. Between
+It owns the fleet, the workload and the figures; the engines are `bench/batching_backend.py`,
+which schedule as vLLM V1 does (KV blocks, prefix cache, chunked prefill, preemption). It starts
+`--backends` engines, the first one `--slowdown` times slower, each with `--max-num-seqs` and
+its KV budget (`--kv-blocks`: one figure for all, or one per backend, comma-separated), and runs
+every contender in turn in front of that same fleet: the forwarder (gunicorn, as
+`tests.harness.Forwarder` starts it, `CHECK_INTERVAL_SECONDS` from `--check-interval`) with a
+`ROUTING_POLICY`, and the vLLM project's Rust router (`vllm-router`) with a policy. Between
 contenders every engine is reset (queues dropped, prefix cache emptied). Clients never retry: a
 `429` is a refusal. Tables go to stdout (markdown), progress to stderr.
 
-Without `--scenario`: every `--contenders` entry (a forwarder `ROUTING_POLICY`, or
-`rust:POLICY`) at `--load`, and one table: time to first token (p50, p99) of the answered
-requests, the share never answered within `--ttft-timeout`, throughput (finished requests per
-second, from the first send to the last token), and the prefix-cache hit rate of session turns
-(turns whose conversation so far was prefilled on the backend that got them / all later turns).
+The workload (`--seed` fixed, so every contender and every run gets the same one): open-loop
+Poisson arrivals at `--load` of the fleet's estimated capacity for `--seconds`. `--session-share`
+of the requests are the next turn of one of `--sessions` sessions (an agent, say): each has a
+system prompt of its own of about `--system-tokens` tokens, and each turn's prompt is the
+previous one's, its answer as the engine streamed it, and a new user message of about
+`--user-tokens`; after `--turns` turns the session starts a new conversation with the same
+system prompt. The rest are one-off prompts of `--one-off-tokens` tokens or a quarter to four
+times that (log-uniform); with `--long-share`, that share of the requests are one-off prompts
+`--long-factor` times longer. Every request asks for `--output-tokens` tokens, half to one and a
+half times that (uniform). Tokens are the engines' (words, `batching_backend.render`).
 
-Scenarios (each sets its own load, contenders and table; the other knobs apply to all):
+The policies' table (without `--scenario`, and for `issue-*`, `kv-bound`, `load80-2workers`):
+time to first token (p50, p99) of the answered requests, the share never answered within
+`--ttft-timeout`, throughput (answered requests per second, first send to last token), the
+session turns whose conversation so far was cached on the engine that got them (and those whose
+previous turn ran there but whose prefix was evicted since), the share of prompt tokens found in
+the prefix cache, the most requests ever waiting on one engine and its highest KV cache use
+(`vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`, read every 100 ms) and the engines'
+preemptions.
 
+Scenarios (each sets its own fleet, load, contenders and table; other knobs apply to all):
+
+- `issue-80`, `issue-100`: the issue's fleet (the defaults): four backends, one three times
+  slower, 8 running each, a KV cache of 1,024 blocks (16,384 tokens) that fills as the batch
+  fills, 1 s polls, 60 % of the requests in 16 sessions, at 80 % and 100 % of capacity.
+- `kv-bound`: four backends of one speed, up to 32 running each, so that KV, not the batch,
+  is the limit, and two of them with half the KV (1,024 and 512 blocks): 85 %.
 - `overload`: 130 % of capacity, clients wait up to 60 s. The forwarder's `least_loaded` without
-  the brake, with it (`MAX_IN_FLIGHT_PER_BACKEND` = `--capacity`, queue settings at their
+  the brake, with it (`MAX_IN_FLIGHT_PER_BACKEND` = `--max-num-seqs`, queue settings at their
   defaults) on one and on two workers; vLLM Router's `power_of_two` without a limit, with its
   limit (`--max-concurrent-requests` = all batch slots, `--queue-size 1000`,
   `--queue-timeout-secs 30`), and with that limit as a pure concurrency limit (its token bucket
   refilled at 1/s instead of once per slot per second). Goodput (first token within
   `--good-ttft`, per second of arrivals), refusals (`429`) within `--quick-refusal` and later,
   other failures, the longest wait of a refused request and of any request, p99 time to first
-  token of what was served; then the issue's targets, checked.
+  token of what was served; then the load-control targets, checked.
 - `load80-2workers`: the 80 % table for `least_loaded` and `affinity` on one and two workers and
   vLLM Router's `power_of_two` and `cache_aware`.
-- `mixed-sizes`: 85 %, a tenth of the prompts 20 times longer, engines with a KV cache
-  (`--kv-tokens`): the forwarder's size-weighted `least_loaded` against request-counting vLLM
-  Router `power_of_two` and the forwarder's `random`; TTFT of all, short and long prompts.
-- `failing-backend`: 50 %, backend 1 answers every request `500` while its `/metrics` answers:
+- `mixed-sizes`: 85 %, a tenth of the prompts one-offs 20 times longer, 4,096 KV blocks each:
+  the forwarder's size-weighted `least_loaded` against the same counting requests,
+  request-counting vLLM Router `power_of_two` and `random`; TTFT of all, short and long prompts.
+- `failing-backend`: 50 %, backend 1 answers every request 500 while its `/metrics` answers:
   failures in the first 5 s and after, when the forwarder ejected it, goodput.
 """
 
@@ -49,8 +67,8 @@ monkey.patch_all()
 import argparse  # noqa: E402  (after patching, so that every socket below is cooperative)
 import collections  # noqa: E402
 import dataclasses  # noqa: E402
-import json  # noqa: E402
 import random  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -64,31 +82,46 @@ import gevent  # noqa: E402
 import requests  # noqa: E402
 import requests.adapters  # noqa: E402
 
+from bench import batching_backend as engine  # noqa: E402
 from tests.harness import Forwarder, free_port, wait_until  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SYSTEM_PROMPT = ("You are a careful assistant for a logistics company. " * 70).strip()
+# Words of the prompts: one token each, four bytes with the space, as English text averages.
+VOCABULARY = "box van hub eta run map day log bay lot ton kit tag bin cab dot".split()
+# The engines' timing and block size: their defaults, which the fleet keeps.
+ENGINE = engine.parse_args(["--port", "0"])
+# The forwarder's EJECT_SECONDS (its default, which the scenarios keep).
+EJECT_SECONDS = 30.0
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", choices=(*SCENARIOS, "all"),
                         help="run a scenario (or all of them) instead of the --contenders table")
-    parser.add_argument("--seconds", type=float, default=30, help="arrivals per contender")
+    parser.add_argument("--repeat", type=int, default=1, help="run each scenario this often")
+    parser.add_argument("--seconds", type=float, default=25, help="arrivals per contender")
     parser.add_argument("--load", type=float, default=0.8, help="share of fleet capacity")
     parser.add_argument("--backends", type=int, default=4)
     parser.add_argument("--slowdown", type=float, default=3.0, help="the first backend's")
-    parser.add_argument("--capacity", type=int, default=8, help="requests running per backend")
-    parser.add_argument("--output-tokens", type=int, default=16)
+    parser.add_argument("--max-num-seqs", type=int, default=8, help="requests running per backend")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                        help="tokens computed per engine step")
+    parser.add_argument("--kv-blocks", default="1024",
+                        help="KV blocks (16 tokens) per backend: one figure, or one per backend")
+    parser.add_argument("--sessions", type=int, default=16)
     parser.add_argument("--session-share", type=float, default=0.6)
-    parser.add_argument("--sessions", type=int, default=48, help="conversations running at once")
-    parser.add_argument("--turns", type=int, default=6, help="turns per conversation")
+    parser.add_argument("--turns", type=int, default=10, help="turns per conversation")
+    parser.add_argument("--system-tokens", type=int, default=1500,
+                        help="a session's system prompt (on average)")
+    parser.add_argument("--user-tokens", type=int, default=100,
+                        help="a user message of a session (on average)")
+    parser.add_argument("--one-off-tokens", type=int, default=800,
+                        help="a one-off prompt (median)")
+    parser.add_argument("--output-tokens", type=int, default=64, help="max_tokens (on average)")
     parser.add_argument("--long-share", type=float, default=0.0,
                         help="share of the requests that are long one-off prompts")
     parser.add_argument("--long-factor", type=int, default=20,
                         help="how many times longer a long prompt is than a one-off one")
-    parser.add_argument("--kv-tokens", type=int, default=0,
-                        help="each engine's KV cache in tokens (0: no limit)")
     parser.add_argument("--failing-backend", type=int, default=-1,
                         help="the backend that answers every request 500 (-1: none)")
     parser.add_argument("--ttft-timeout", type=float, default=15.0,
@@ -100,82 +133,93 @@ def parse_args(argv=None):
     parser.add_argument("--check-interval", default="1",
                         help="the forwarder's CHECK_INTERVAL_SECONDS")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--contenders", default="random,least_loaded,affinity,"
+    parser.add_argument("--contenders", default="least_loaded,affinity,random,"
                         "rust:power_of_two,rust:cache_aware")
     parser.add_argument("--vllm-router", default=shutil.which("vllm-router"),
                         help="the vllm-router executable (default: from PATH)")
     return parser.parse_args(argv)
 
 
-# Engine timing, as `bench.batching_backend` models it (its defaults).
-STEP_SECONDS = 0.02
-SEQ_STEP_SECONDS = 0.0025
-PREFILL_SECONDS_PER_TOKEN = 0.00002
-# The forwarder's EJECT_SECONDS (its default, which the scenarios keep).
-EJECT_SECONDS = 30.0
-
-# One request of the schedule: when it is sent (seconds from the start), its chat messages, and
-# whether it is one of the long prompts.
-Arrival = collections.namedtuple("Arrival", "at messages long")
+# One request of the schedule: when it is sent (seconds from the start), its chat messages, its
+# max_tokens, and whether it is one of the long prompts.
+Arrival = collections.namedtuple("Arrival", "at messages max_tokens long")
 
 
-def one_off(rng, factor=1):
-    """A one-off prompt; with `factor` > 1, a document to summarise makes it about that many
-    times longer."""
-    messages = [{"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": f"One-off {rng.randrange(10**9)}: summarise "
-                                            "today's deliveries."}]
-    if factor > 1:
-        line = "Parcel delivered on time, signed for at the door. "
-        lines = (factor - 1) * len(json.dumps(messages)) // len(line) + 1
-        messages[1]["content"] += " Manifest: " + line * lines
-    return messages
+def text(rng, tokens, head):
+    """`tokens` words, the first one `head`: a prompt that starts with it is a prefix of its own."""
+    return " ".join([head, *rng.choices(VOCABULARY, k=max(0, tokens - 1))])
+
+
+def about(rng, mean):
+    """Half to one and a half times `mean`, uniformly."""
+    return rng.randint(max(1, mean // 2), max(1, mean * 3 // 2))
+
+
+def one_off(rng, args, number, tokens=None):
+    """A one-off prompt: `tokens` long, or a quarter to four times `--one-off-tokens`."""
+    if tokens is None:
+        tokens = round(args.one_off_tokens * 4 ** rng.uniform(-1, 1))
+    return [{"role": "user", "content": text(rng, tokens, f"request{number}")}]
 
 
 def workload(args, rate):
     """The arrival schedule (`Arrival`s), the same for every contender."""
     rng = random.Random(args.seed)
-    conversations = {}
-    next_id = 0
+    systems = [text(rng, about(rng, args.system_tokens), f"agent{slot}")
+               for slot in range(args.sessions)]
+    conversations = {}  # session -> (its last turn's messages, that turn's max_tokens)
     schedule = []
     at = 0.0
     while True:
         at += rng.expovariate(rate)
         if at >= args.seconds:
             return schedule
+        number = len(schedule)
+        max_tokens = about(rng, args.output_tokens)
         if args.long_share and rng.random() < args.long_share:
-            schedule.append(Arrival(at, one_off(rng, args.long_factor), True))
+            messages = one_off(rng, args, number, args.one_off_tokens * args.long_factor)
+            schedule.append(Arrival(at, messages, max_tokens, True))
             continue
         if rng.random() < args.session_share:
             slot = rng.randrange(args.sessions)
-            messages = conversations.get(slot)
-            if messages is None or len(messages) >= 2 * args.turns:
-                next_id += 1
-                messages = [{"role": "system", "content": SYSTEM_PROMPT},
-                            {"role": "user", "content": f"Conversation {next_id}: where is "
-                                                        f"shipment {rng.randrange(10**6)}?"}]
+            last = conversations.get(slot)
+            user = {"role": "user", "content": text(rng, about(rng, args.user_tokens),
+                                                    f"turn{number}")}
+            if last is None or len(last[0]) >= 2 * args.turns:
+                messages = [{"role": "system", "content": systems[slot]}, user]
             else:
-                turn = len(messages) // 2
-                messages = messages + [
-                    {"role": "assistant", "content": f"Answer {turn}. " * 20},
-                    {"role": "user", "content": f"Follow-up {turn}: and parcel "
-                                                f"{rng.randrange(10**6)}?"}]
-            conversations[slot] = messages
+                messages = [*last[0], {"role": "assistant", "content": engine.answer(last[1])},
+                            user]
+            conversations[slot] = (messages, max_tokens)
         else:
-            messages = one_off(rng)
-        schedule.append(Arrival(at, messages, False))
+            messages = one_off(rng, args, number)
+        schedule.append(Arrival(at, messages, max_tokens, False))
+
+
+def kv_blocks(args):
+    """Each backend's KV blocks, from `--kv-blocks` (one figure for all, or one each)."""
+    figures = [int(figure) for figure in str(args.kv_blocks).split(",")]
+    if len(figures) == 1:
+        return figures * args.backends
+    if len(figures) != args.backends:
+        raise SystemExit(f"--kv-blocks: {len(figures)} figures for {args.backends} backends")
+    return figures
 
 
 def fleet_capacity(args, schedule):
-    """Requests per second the fleet sustains when every prompt is prefilled in full: a backend
-    spends λ·prefill per second on prefills and the rest on full-batch decode steps."""
-    prompt_tokens = statistics.mean(max(1, len(json.dumps(a.messages)) // 4) for a in schedule)
+    """Requests per second the fleet sustains when every prompt is prefilled in full. A backend
+    runs as many requests as its batch and its KV cache allow (each holding its prompt and
+    answer at the end); per request it spends its prefill and a share of the decode steps, each
+    step's time growing with the context the batch reads (`bench.batching_backend`'s model)."""
+    prompt = statistics.mean(len(engine.render(a.messages)) for a in schedule)
+    output = statistics.mean(a.max_tokens for a in schedule)
     total = 0.0
-    for index in range(args.backends):
+    for index, blocks in enumerate(kv_blocks(args)):
         slow = args.slowdown if index == 0 else 1.0
-        step = slow * (STEP_SECONDS + SEQ_STEP_SECONDS * args.capacity)
-        prefill = slow * PREFILL_SECONDS_PER_TOKEN * prompt_tokens
-        total += args.capacity / (args.output_tokens * step + args.capacity * prefill)
+        batch = min(args.max_num_seqs, blocks * ENGINE.block_size / (prompt + output))
+        step = slow * (ENGINE.step_seconds + ENGINE.token_seconds * batch
+                       + ENGINE.context_token_seconds * batch * (prompt + output / 2))
+        total += 1 / (output * step / batch + slow * ENGINE.token_seconds * prompt)
     return total
 
 
@@ -217,10 +261,10 @@ def answers(url):
 
 def backend_command(args, index, port):
     command = [sys.executable, "-m", "bench.batching_backend", "--port", str(port),
-               "--capacity", str(args.capacity),
+               "--max-num-seqs", str(args.max_num_seqs),
+               "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+               "--kv-blocks", str(kv_blocks(args)[index]),
                "--slowdown", str(args.slowdown if index == 0 else 1.0)]
-    if args.kv_tokens:
-        command += ["--kv-tokens", str(args.kv_tokens)]
     if index == args.failing_backend:
         command += ["--fail-status", "500"]
     return command
@@ -358,8 +402,8 @@ def one_request(session, url, arrival, args, started, results):
     `results`: when it was sent and ended (seconds from `started`), the response's status, the
     time to its first token (`ttft`, None when none came) and how long the client waited for
     its first token or for knowing it would get none (`waited`), and else why (`error`)."""
-    body = {"model": "sim-model", "messages": arrival.messages, "stream": True,
-            "max_tokens": args.output_tokens}
+    body = {"model": engine.MODEL, "messages": arrival.messages, "stream": True,
+            "max_tokens": arrival.max_tokens}
     sent = time.monotonic()
     record = {"sent": sent - started, "long": arrival.long, "status": None, "ttft": None,
               "error": None}
@@ -405,29 +449,54 @@ def drive(url, schedule, args, started):
     return results
 
 
+# The gauges read from each engine while a contender runs, and what the run keeps of each.
+GAUGES = re.compile(r"^vllm:(num_requests_waiting|kv_cache_usage_perc)\{[^}]*\} (\S+)$",
+                    re.MULTILINE)
+
+
+def watch_engines(fleet, peaks):
+    """Every 100 ms, read each engine's requests waiting and KV cache use; keep the highest seen
+    of each in `peaks` (gauge name -> one figure per backend)."""
+    with client_session(len(fleet)) as session:
+        while True:
+            for index, backend in enumerate(fleet):
+                try:
+                    text = session.get(backend.url + "/metrics", timeout=1).text
+                except requests.RequestException:
+                    continue
+                for name, value in GAUGES.findall(text):
+                    peaks[name][index] = max(peaks[name][index], float(value))
+            gevent.sleep(0.1)
+
+
 @dataclasses.dataclass
 class Outcome:
     """One contender's run: what the clients saw (`one_request`'s records), each engine's
-    `/_sim/stats`, and when the forwarder ejected which backend (seconds from the start)."""
+    `/_sim/stats` and the highest of its gauges (`watch_engines`), and when the forwarder ejected
+    which backend (seconds from the start)."""
 
     spec: Spec
     results: list
     stats: list
+    peaks: dict
     ejected: dict
 
 
 def run(contender, schedule, args):
     """Run `schedule` through `contender`, then reset the engines for the next one."""
     ejected = {}
+    peaks = {name: [0.0] * len(contender.fleet)
+             for name in ("num_requests_waiting", "kv_cache_usage_perc")}
     try:
         contender.start()
         started = time.monotonic()
-        watcher = gevent.spawn(contender.watch_ejections, time.time(), ejected) \
-            if args.failing_backend >= 0 else gevent.spawn(lambda: None)
+        watchers = [gevent.spawn(watch_engines, contender.fleet, peaks)]
+        if args.failing_backend >= 0:
+            watchers.append(gevent.spawn(contender.watch_ejections, time.time(), ejected))
         try:
             results = drive(contender.url, schedule, args, started)
         finally:
-            watcher.kill()
+            gevent.killall(watchers)
     finally:
         contender.stop()
     stats = [requests.get(b.url + "/_sim/stats", timeout=5).json() for b in contender.fleet]
@@ -436,7 +505,7 @@ def run(contender, schedule, args):
     errors = collections.Counter(r["error"] for r in results if r["error"])
     if errors:
         print(f"{contender.spec.label()}: without a token {dict(errors)}", file=sys.stderr)
-    return Outcome(contender.spec, results, stats, ejected)
+    return Outcome(contender.spec, results, stats, peaks, ejected)
 
 
 # --- figures -------------------------------------------------------------------------------------
@@ -473,6 +542,10 @@ def kinds(records):
     return ", ".join(f"{error} ×{count}" for error, count in counts.most_common())
 
 
+def share(part, whole):
+    return f"{part / whole:.0%}" if whole else "n/a"
+
+
 def seconds(value, digits=2):
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -485,22 +558,31 @@ def markdown(header, rows):
 
 # --- tables --------------------------------------------------------------------------------------
 
-def table(outcomes, args=None, capacity=None):
-    """The 80 % table: TTFT, unanswered, throughput, prefix-cache hits."""
+def table(outcomes, args, capacity):
+    """The policies' table: TTFT, unanswered, throughput, prefix cache, queues, preemptions."""
     rows = []
     for outcome in outcomes:
         answered = served(outcome.results)
         ends = [r["done"] for r in answered]
-        eligible = sum(s["cache_eligible"] for s in outcome.stats)
-        hits = sum(s["cache_hits"] for s in outcome.stats)
+        total = collections.Counter()
+        for stats in outcome.stats:
+            total.update(stats)
+        waiting = outcome.peaks["num_requests_waiting"]
+        deepest = max(range(len(waiting)), key=waiting.__getitem__)
         rows.append([
             outcome.spec.label(), seconds(percentile([r["ttft"] for r in answered], 50)),
             seconds(percentile([r["ttft"] for r in answered], 99)),
             f"{1 - len(answered) / len(outcome.results):.1%}",
             f"{len(answered) / max(ends):.1f}" if ends else "0.0",
-            f"{hits / eligible:.0%}" if eligible else "n/a"])
+            f'{share(total["session_turn_hits"], total["session_turns"])} '
+            f'({share(total["session_turn_evictions"], total["session_turns"])} evicted)',
+            share(total["prefix_hit_tokens"], total["prefix_query_tokens"]),
+            f"{waiting[deepest]:.0f} (backend {deepest})",
+            f"{max(outcome.peaks['kv_cache_usage_perc']):.0%}", total["preemptions"]])
     return markdown(["router", "TTFT p50 (s)", "TTFT p99 (s)", "unanswered",
-                     "throughput (req/s)", "prefix-cache hits"], rows)
+                     "throughput (req/s)", "session turns on their prefix (evicted)",
+                     "prompt tokens cached", "most waiting on one backend", "KV use, highest",
+                     "preemptions"], rows)
 
 
 def overload_table(outcomes, args, capacity):
@@ -606,22 +688,22 @@ class Scenario:
 
 def brake(args):
     """The forwarder's brake at the engines' batch size, queue settings at their defaults."""
-    return (("MAX_IN_FLIGHT_PER_BACKEND", str(args.capacity)),)
+    return (("MAX_IN_FLIGHT_PER_BACKEND", str(args.max_num_seqs)),)
 
 
 def router_limit(args):
     """vLLM Router's limit at the fleet's batch slots, queue as the forwarder's defaults."""
-    return ("--max-concurrent-requests", str(args.backends * args.capacity),
+    return ("--max-concurrent-requests", str(args.backends * args.max_num_seqs),
             "--queue-size", "1000", "--queue-timeout-secs", "30")
 
 
 def overload_contenders(args):
-    slots = args.backends * args.capacity
+    slots = args.backends * args.max_num_seqs
     return (
         Spec("least_loaded", note="no brake"),
-        Spec("least_loaded", env=brake(args), note=f"brake {args.capacity}/backend"),
+        Spec("least_loaded", env=brake(args), note=f"brake {args.max_num_seqs}/backend"),
         Spec("least_loaded", env=brake(args), workers=2,
-             note=f"brake {args.capacity}/backend, 2 workers"),
+             note=f"brake {args.max_num_seqs}/backend, 2 workers"),
         Spec("power_of_two", rust=True, note="no limit"),
         Spec("power_of_two", rust=True, flags=router_limit(args),
              note=f"limit {slots}, queue 1000, 30 s (bucket refill {slots}/s)"),
@@ -642,6 +724,17 @@ def listed_contenders(args):
 
 
 SCENARIOS = {
+    "issue-80": Scenario(
+        "The issue's fleet at 80 % of capacity: 60 % of the requests turns of 16 sessions, 40 % "
+        "one-off prompts, a KV cache that fills as the batch fills",
+        listed_contenders, table, {"load": 0.8}),
+    "issue-100": Scenario(
+        "The issue's fleet at 100 % of capacity", listed_contenders, table, {"load": 1.0}),
+    "kv-bound": Scenario(
+        "85 % of capacity on backends of one speed that may run 32 requests each, so that the KV "
+        "cache binds first; backends 2 and 3 have half the KV of 0 and 1",
+        listed_contenders, table,
+        {"load": 0.85, "slowdown": 1.0, "max_num_seqs": 32, "kv_blocks": "1024,1024,512,512"}),
     "overload": Scenario(
         "130 % of the fleet's capacity; clients wait up to 60 s and never retry a 429",
         overload_contenders, overload_table, {"load": 1.3, "ttft_timeout": 60.0}),
@@ -649,15 +742,15 @@ SCENARIOS = {
         "80 % of capacity, the forwarder on one and on two workers",
         load80_contenders, table, {"load": 0.8}),
     "mixed-sizes": Scenario(
-        "85 % of capacity, a tenth of the prompts 20 times longer, engines with a KV cache of "
-        "49,152 tokens. least_loaded weighs each request by its size, or, with "
+        "85 % of capacity, a tenth of the prompts one-offs 20 times longer, engines with 4,096 KV "
+        "blocks (65,536 tokens). least_loaded weighs each request by its size, or, with "
         "REQUEST_WEIGHT_BYTES=0, counts requests; vllm-router's power_of_two counts requests; "
         "random counts nothing",
         lambda args: (Spec("least_loaded"),
                       Spec("least_loaded", env=(("REQUEST_WEIGHT_BYTES", "0"),),
                            note="counting requests"),
                       Spec("power_of_two", rust=True), Spec("random")),
-        mixed_table, {"load": 0.85, "long_share": 0.1, "kv_tokens": 49152}),
+        mixed_table, {"load": 0.85, "long_share": 0.1, "kv_blocks": "4096"}),
     "failing-backend": Scenario(
         "50 % of capacity, backend 1 answers every request 500 while its /metrics and /health "
         "answer 200 (forwarder: EJECT_AFTER_FAILURES=5, EJECT_SECONDS=30, the defaults)",
@@ -676,20 +769,27 @@ def with_router(specs, args):
 
 
 def fleet_line(args, schedule, rate, capacity):
-    failing = (f"; backend {args.failing_backend} answers every request 500"
-               if args.failing_backend >= 0 else "")
-    kv = f", KV cache {args.kv_tokens:,} tokens each" if args.kv_tokens else ""
+    blocks = kv_blocks(args)
+    kv = f"{blocks[0]:,}" if len(set(blocks)) == 1 else "/".join(f"{b:,}" for b in blocks)
+    fleet = (f"{args.backends} backends, up to {args.max_num_seqs} running and {kv} KV blocks "
+             f"({ENGINE.block_size} tokens) each, "
+             + (f"backend 0 {args.slowdown:g}x slower" if args.slowdown != 1 else "one speed")
+             + (f"; backend {args.failing_backend} answers every request 500"
+                if args.failing_backend >= 0 else ""))
+    prompts = [len(engine.render(a.messages)) for a in schedule]
+    sessions = sum(1 for a in schedule if len(a.messages) > 1)
     longs = sum(1 for a in schedule if a.long)
-    return (f"Fleet: {args.backends} backends, capacity {args.capacity} each{kv}, backend 0 "
-            f"{args.slowdown:g}x slower{failing}; estimated capacity {capacity:.1f} req/s; "
-            f"arrivals {rate:.1f} req/s ({rate / capacity:.0%}) for {args.seconds:g} s = "
-            f"{len(schedule)} requests"
-            + (f", {longs} of them long prompts ({args.long_factor}x), of the others"
-               if longs else ",") + f" {args.session_share:.0%} in sessions.")
+    requests_line = (f"{len(schedule)} requests, {sessions} of them session turns"
+                     + (f", {longs} long prompts" if longs else ""))
+    return (f"Fleet: {fleet}; estimated capacity {capacity:.1f} req/s; arrivals {rate:.1f} req/s "
+            f"({rate / capacity:.0%}) for {args.seconds:g} s = {requests_line}; prompts "
+            f"{statistics.median(prompts):,.0f} tokens median, {max(prompts):,} longest, "
+            f"max_tokens {statistics.mean(a.max_tokens for a in schedule):.0f} on average.")
 
 
 def run_scenario(name, scenario, base_args, log_dir):
-    """Run every contender of `scenario` in front of a fleet of its own; its markdown."""
+    """Run every contender of `scenario` `--repeat` times in front of a fleet of its own; its
+    markdown, a table per run."""
     args = argparse.Namespace(**{**vars(base_args), **scenario.overrides})
     specs = with_router(scenario.contenders(args), args)
     schedule, rate, capacity = arrivals(args)
@@ -698,16 +798,20 @@ def run_scenario(name, scenario, base_args, log_dir):
     print(f"{name}: {len(specs)} contenders, {len(schedule)} requests each; logs in "
           f"{scenario_dir}", file=sys.stderr)
     fleet = start_fleet(args, scenario_dir)
-    outcomes = []
+    tables = []
     try:
-        for spec in specs:
-            began = time.monotonic()
-            outcomes.append(run(Contender(spec, args, fleet, scenario_dir), schedule, args))
-            print(f"  {spec.label()}: {time.monotonic() - began:.0f} s", file=sys.stderr)
+        for repetition in range(1, args.repeat + 1):
+            outcomes = []
+            for spec in specs:
+                began = time.monotonic()
+                outcomes.append(run(Contender(spec, args, fleet, scenario_dir), schedule, args))
+                print(f"  {spec.label()}: {time.monotonic() - began:.0f} s", file=sys.stderr)
+            heading = f"Run {repetition} of {args.repeat}:\n\n" if args.repeat > 1 else ""
+            tables.append(heading + scenario.report(outcomes, args, capacity))
     finally:
         stop_all(fleet)
-    return (f"## {name}\n\n{scenario.title}.\n\n{fleet_line(args, schedule, rate, capacity)}\n\n"
-            f"{scenario.report(outcomes, args, capacity)}\n")
+    return (f"## {name}\n\n{scenario.title}.\n\n{fleet_line(args, schedule, rate, capacity)}"
+            "\n\n" + "\n\n".join(tables) + "\n")
 
 
 def main(argv=None):
