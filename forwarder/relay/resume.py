@@ -52,11 +52,17 @@ COMPLETIONS_MAX_TOKENS = 16
 # Guided or structured output: a continuation would not be held to it.
 _GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
            "guided_decoding_backend", "structured_outputs", "guided_whitespace_pattern")
-_TEXT = {"chat/completions": re.compile(rb'"content":"((?:[^"\\]|\\.)*)"'),
-         "completions": re.compile(rb'"text":"((?:[^"\\]|\\.)*)"')}
+_TEXT = {"chat/completions": re.compile(rb'"content":\s*"((?:[^"\\]|\\.)*)"'),
+         "completions": re.compile(rb'"text":\s*"((?:[^"\\]|\\.)*)"')}
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
-_FINISHED = b'"finish_reason":"'
+_FINISHED = re.compile(rb'"finish_reason":\s*"')
 _DONE = b"data: [DONE]"
+
+
+def _events_end(data: bytes) -> int:
+    """Where the last whole event of `data` ends (0: none is whole)."""
+    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
 class StreamRecord:
@@ -82,7 +88,7 @@ class StreamRecord:
         if self._held or not chunk.endswith(_EVENT_ENDS):
             # An event cut across reads: only whole events are looked into.
             chunk = self._held + chunk
-            end = max(chunk.rfind(b"\n\n") + 2, chunk.rfind(b"\r\n\r\n") + 4, 0)
+            end = _events_end(chunk)
             chunk, self._held = chunk[:end], chunk[end:]
             if not chunk:
                 return
@@ -103,7 +109,7 @@ class StreamRecord:
             self.reasoning = False
         if b'"tool_calls"' in chunk:
             self.tool_call = True
-        if _FINISHED in chunk:
+        if b'"finish_reason"' in chunk and _FINISHED.search(chunk):
             self.finished = True
         if _DONE in chunk:
             self.done = True
@@ -284,7 +290,7 @@ class Continuation:
     def feed(self, chunk: bytes) -> bytes:
         """The client's bytes for a piece of the continuation's body."""
         data = self.held + chunk
-        end = max(data.rfind(b"\n\n") + 2, data.rfind(b"\r\n\r\n") + 4, 0)
+        end = _events_end(data)
         whole, self.held = data[:end], data[end:]
         out = []
         for event in re.split(rb"\r?\n\r?\n", whole):
